@@ -1,0 +1,180 @@
+"""The `faasmoe` command. Heavy imports stay inside commands so `faasmoe --help` is instant."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Serverless, multi-tenant serving of Mixture-of-Experts models on OpenFaaS.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command("init-model")
+def init_model_command(
+    out: Annotated[Path, typer.Argument(help="directory to write the checkpoint to")],
+    preset: Annotated[str, typer.Option(help="tiny, small-mixed or qwen1.5-moe-a2.7b")] = "tiny",
+    layers: Annotated[int | None, typer.Option(help="number of layers (shrinks the preset's depth)")] = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
+    seed: Annotated[int, typer.Option(help="random seed of the weights")] = 0,
+    router_skew: Annotated[float, typer.Option(help="Zipf exponent of expert popularity (0: uniform)")] = 0.0,
+    max_shard_size: Annotated[str, typer.Option(help="shard the checkpoint above this size, e.g. 50MB")] = "5GB",
+) -> None:
+    """Write a randomly initialised qwen2_moe checkpoint (hub format) and a tokenizer. Downloads nothing."""
+    from faasmoe.model.init_model import InitModelOptions, init_model
+
+    options = InitModelOptions(preset, layers, dtype, seed, router_skew, max_shard_size)
+    try:
+        with _spinner(f"initialising {preset} model"):
+            init_model(out, options)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}")
+
+
+@app.command("export")
+def export_command(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face qwen2_moe checkpoint directory")],
+    out_dir: Annotated[Path, typer.Argument(help="plan directory to write")],
+    experts_per_function: Annotated[int, typer.Option(help="experts per function per layer (N)")] = 20,
+    layers_per_function: Annotated[int, typer.Option(help="consecutive MoE layers per function (M)")] = 1,
+    prefix: Annotated[str, typer.Option(help="function name prefix")] = "moe",
+) -> None:
+    """Group the routed experts into functions: plan.json, one shard per function, the trunk weights."""
+    from rich.progress import Progress
+
+    from faasmoe.errors import FaasmoeError
+    from faasmoe.model.checkpoint import Checkpoint
+    from faasmoe.planning.export import export
+    from faasmoe.planning.plan import ModelShape, Plan
+
+    try:
+        shape = ModelShape.of(Checkpoint.open(model_dir))
+        count = len(Plan.group(shape, experts_per_function, layers_per_function, prefix).functions)
+        with Progress(transient=True) as progress:
+            task = progress.add_task("writing function shards", total=count)
+            plan = export(
+                model_dir,
+                out_dir,
+                experts_per_function,
+                layers_per_function,
+                prefix,
+                on_function=lambda _: progress.advance(task),
+            )
+    except FaasmoeError as exc:
+        _fail(str(exc))
+    size = sum(f.bytes for f in plan.functions)
+    typer.echo(f"wrote {out_dir}: {len(plan.functions)} functions, {size / 1e6:.1f} MB of experts")
+
+
+@app.command("generate")
+def generate_command(
+    model: Annotated[Path, typer.Option(help="checkpoint directory (config, tokenizer, weights)")],
+    plan: Annotated[Path | None, typer.Option(help="plan directory (default: a fresh one in a temp folder)")] = None,
+    prompt: Annotated[str | None, typer.Option(help="prompt text")] = None,
+    prompt_ids: Annotated[str | None, typer.Option(help="prompt token ids, comma separated")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=0)] = 16,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    gateway: Annotated[str | None, typer.Option(help="OpenFaaS gateway URL: run experts as functions there")] = None,
+    basic_auth: Annotated[str | None, typer.Option(help="USER:PASSWORD for the gateway")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Generate through the split path (greedy by default), in-process or through a gateway."""
+    from faasmoe.errors import FaasmoeError
+
+    if (prompt is None) == (prompt_ids is None):
+        _fail("give exactly one of --prompt and --prompt-ids")
+    with tempfile.TemporaryDirectory(prefix="faasmoe-plan-") as scratch:
+        try:
+            result = _generate(
+                model, plan, Path(scratch), prompt, prompt_ids, max_new_tokens, temperature, seed, gateway, basic_auth
+            )
+        except FaasmoeError as exc:
+            _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(result["text"])
+
+
+def _generate(
+    model, plan_dir, scratch, prompt, prompt_ids, max_new_tokens, temperature, seed, gateway, basic_auth
+) -> dict:
+    from faasmoe.model.generate import generate
+    from faasmoe.model.sampling import SamplingParams
+    from faasmoe.model.split_model import SplitModel
+    from faasmoe.planning.export import export
+
+    started = time.perf_counter()
+    if plan_dir is None:
+        plan_dir = scratch / "plan"
+        export(model, plan_dir, experts_per_function=20)
+    split = SplitModel.load(model, plan_dir, _executor_factory(gateway, basic_auth))
+    ids = split.tokenizer.encode(prompt) if prompt is not None else _parse_ids(prompt_ids, split.vocab_size)
+    loaded = time.perf_counter()
+    params = SamplingParams(max_new_tokens, temperature, seed=seed, stop_token_ids=())
+    tokens = generate(split.trunk, [ids], params)[0]
+    done = time.perf_counter()
+    return {
+        "prompt_token_ids": ids,
+        "token_ids": tokens,
+        "text": split.tokenizer.decode(tokens),
+        "timings": {
+            "load_s": loaded - started,
+            "generate_s": done - loaded,
+            "tokens_per_s": len(tokens) / max(done - loaded, 1e-9),
+        },
+    }
+
+
+def _executor_factory(gateway: str | None, basic_auth: str | None):
+    if gateway is None:
+        from faasmoe.dispatch.local import local_executor
+
+        return local_executor
+    from faasmoe.dispatch.remote import remote_executor_factory
+
+    return remote_executor_factory(gateway, basic_auth)
+
+
+def _parse_ids(text: str, vocab_size: int) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        _fail(f"--prompt-ids must be comma-separated integers, got {text!r}")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if not ids or bad:
+        _fail(f"--prompt-ids must be non-empty token ids in [0, {vocab_size}); bad: {bad[:5]}")
+    return ids
+
+
+class _spinner:
+    """A rich status line for steps that take more than a few seconds."""
+
+    def __init__(self, message: str) -> None:
+        from rich.console import Console
+
+        self.status = Console(stderr=True).status(message)
+
+    def __enter__(self) -> None:
+        self.status.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self.status.__exit__(*exc)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Dispatch: scatter each MoE layer's routed tokens to the functions holding their experts, gather results."""

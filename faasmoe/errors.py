@@ -1,0 +1,21 @@
+"""Errors users see: each names the problem in its message."""
+
+
+class FaasmoeError(Exception):
+    """Base class for faasmoe's user-facing errors."""
+
+
+class CheckpointError(FaasmoeError):
+    """A model directory is not a usable qwen2_moe checkpoint."""
+
+
+class PlanError(FaasmoeError):
+    """An expert plan is malformed or does not match its model."""
+
+
+class ShardError(FaasmoeError):
+    """A function's weight shard is missing, malformed or lacks an expert."""
+
+
+class BadRequest(FaasmoeError):
+    """A request body is malformed or asks for something the receiver cannot do."""

@@ -1,0 +1,44 @@
+"""A servable split model: checkpoint + plan + trunk wired to an executor, with its tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from faasmoe.dispatch.executor import ExpertExecutor
+from faasmoe.model.checkpoint import Checkpoint
+from faasmoe.model.trunk import Trunk
+from faasmoe.planning.plan import Plan
+
+ExecutorFactory = Callable[[Plan, Path], ExpertExecutor]
+
+
+@dataclass
+class SplitModel:
+    checkpoint: Checkpoint
+    plan: Plan
+    plan_dir: Path
+    trunk: Trunk
+    tokenizer: PreTrainedTokenizerBase
+
+    @classmethod
+    def load(cls, model_dir: Path, plan_dir: Path, make_executor: ExecutorFactory) -> SplitModel:
+        checkpoint = Checkpoint.open(model_dir)
+        plan = Plan.load(plan_dir)
+        plan.check_matches(checkpoint)
+        executor = make_executor(plan, plan_dir)
+        trunk = Trunk.load(checkpoint, executor, plan_dir / plan.trunk)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return cls(checkpoint, plan, plan_dir, trunk, tokenizer)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.checkpoint.config.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        return tuple(sorted(i for i in ids if isinstance(i, int) and i >= 0))

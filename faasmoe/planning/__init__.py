@@ -1,0 +1,1 @@
+"""Planning: which function holds which experts (grouping), export of shards, stack.yml, scaling."""

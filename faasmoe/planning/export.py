@@ -1,0 +1,34 @@
+"""`faasmoe export`: a checkpoint -> plan.json, one expert shard per function, and the trunk weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from faasmoe.experts.shard import write_shard
+from faasmoe.model.checkpoint import Checkpoint
+from faasmoe.planning.plan import DEFAULT_PREFIX, ModelShape, Plan
+
+
+def export(
+    model_dir: Path,
+    out_dir: Path,
+    experts_per_function: int,
+    layers_per_function: int = 1,
+    prefix: str = DEFAULT_PREFIX,
+    on_function: Callable[[str], None] | None = None,
+) -> Plan:
+    """Writes the plan directory; reads one function's experts at a time so memory stays small."""
+    checkpoint = Checkpoint.open(model_dir)
+    plan = Plan.group(ModelShape.of(checkpoint), experts_per_function, layers_per_function, prefix)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(checkpoint.read(checkpoint.trunk_keys()), str(out_dir / plan.trunk), metadata={"format": "pt"})
+    for function in plan.functions:
+        experts = {(layer, e): checkpoint.read_expert(layer, e) for layer, e in function.experts}
+        function.bytes = write_shard(out_dir / function.shard, function.name, checkpoint.config.hidden_act, experts)
+        if on_function:
+            on_function(function.name)
+    plan.save(out_dir)
+    return plan

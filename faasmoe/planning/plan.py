@@ -1,0 +1,136 @@
+"""The expert plan: which function holds which (layer, expert) pairs. Stored as plan.json."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from faasmoe.errors import PlanError
+from faasmoe.model.checkpoint import Checkpoint
+
+PLAN_FILE = "plan.json"
+TRUNK_FILE = "trunk.safetensors"
+SHARD_DIR = "functions"
+DEFAULT_PREFIX = "moe"
+
+
+class ModelShape(BaseModel):
+    """What a plan must agree on with its model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_type: str
+    num_hidden_layers: int
+    hidden_size: int
+    moe_intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    dtype: str
+    moe_layers: list[int]
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint) -> ModelShape:
+        c = checkpoint.config
+        return cls(
+            model_type=c.model_type,
+            num_hidden_layers=c.num_hidden_layers,
+            hidden_size=c.hidden_size,
+            moe_intermediate_size=c.moe_intermediate_size,
+            num_experts=c.num_experts,
+            num_experts_per_tok=c.num_experts_per_tok,
+            dtype=str(checkpoint.dtype).removeprefix("torch."),
+            moe_layers=checkpoint.moe_layers,
+        )
+
+
+class FunctionSpec(BaseModel):
+    """One expert-group function: its name (DNS-1123, as OpenFaaS needs) and the experts it holds."""
+
+    name: str
+    shard: str  # path of its safetensors file, relative to the plan directory
+    layers: list[int]
+    experts: list[tuple[int, int]]  # (layer, expert) pairs
+    bytes: int = 0
+
+
+class Plan(BaseModel):
+    version: int = 1
+    model: ModelShape
+    experts_per_function: int = Field(ge=1)
+    layers_per_function: int = Field(ge=1)
+    trunk: str = TRUNK_FILE
+    functions: list[FunctionSpec]
+
+    @classmethod
+    def group(
+        cls, shape: ModelShape, experts_per_function: int, layers_per_function: int = 1, prefix: str = DEFAULT_PREFIX
+    ) -> Plan:
+        """Groups N experts x M consecutive MoE layers per function; N need not divide the expert count."""
+        if experts_per_function < 1 or layers_per_function < 1:
+            raise PlanError("experts-per-function and layers-per-function must be at least 1")
+        functions = []
+        layers = shape.moe_layers
+        for start in range(0, len(layers), layers_per_function):
+            layer_group = layers[start : start + layers_per_function]
+            for first in range(0, shape.num_experts, experts_per_function):
+                experts = list(range(first, min(first + experts_per_function, shape.num_experts)))
+                name = f"{prefix}-{_span('l', layer_group, 2)}-{_span('e', experts, 3)}"
+                functions.append(
+                    FunctionSpec(
+                        name=name,
+                        shard=f"{SHARD_DIR}/{name}.safetensors",
+                        layers=layer_group,
+                        experts=[(layer, e) for layer in layer_group for e in experts],
+                    )
+                )
+        return cls(
+            model=shape,
+            experts_per_function=experts_per_function,
+            layers_per_function=layers_per_function,
+            functions=functions,
+        )
+
+    @classmethod
+    def load(cls, plan_dir: str | Path) -> Plan:
+        path = Path(plan_dir) / PLAN_FILE
+        if not path.is_file():
+            raise PlanError(f"{plan_dir} is not a plan directory: {PLAN_FILE} is missing")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValidationError as exc:
+            raise PlanError(f"{path} is malformed: {exc}") from exc
+
+    def save(self, plan_dir: Path) -> None:
+        plan_dir.mkdir(parents=True, exist_ok=True)
+        (plan_dir / PLAN_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+
+    def check_matches(self, checkpoint: Checkpoint) -> None:
+        expected = ModelShape.of(checkpoint)
+        if self.model != expected:
+            diffs = [
+                f"{field}: plan {getattr(self.model, field)!r}, model {getattr(expected, field)!r}"
+                for field in ModelShape.model_fields
+                if getattr(self.model, field) != getattr(expected, field)
+            ]
+            raise PlanError(f"plan does not match model {checkpoint.path}: " + "; ".join(diffs))
+
+    @cached_property
+    def owners(self) -> dict[int, torch.Tensor]:
+        """For each MoE layer, a tensor [E] giving the index of the function that holds each expert."""
+        table = {layer: torch.full((self.model.num_experts,), -1, dtype=torch.int64) for layer in self.model.moe_layers}
+        for index, function in enumerate(self.functions):
+            for layer, expert in function.experts:
+                table[layer][expert] = index
+        for layer, owner in table.items():
+            if bool((owner < 0).any()):
+                missing = int(torch.nonzero(owner < 0)[0])
+                raise PlanError(f"plan gives expert {missing} of layer {layer} to no function")
+        return table
+
+
+def _span(tag: str, values: list[int], width: int) -> str:
+    first, last = values[0], values[-1]
+    return f"{tag}{first:0{width}d}" if first == last else f"{tag}{first:0{width}d}-{last:0{width}d}"

@@ -1,0 +1,115 @@
+"""Loading checkpoints and plans: sharded checkpoints work; every broken input names its problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from faasmoe.dispatch.local import local_executor
+from faasmoe.errors import CheckpointError, PlanError, ShardError
+from faasmoe.model.checkpoint import INDEX_FILE, Checkpoint
+from faasmoe.model.generate import generate
+from faasmoe.model.sampling import SamplingParams
+from faasmoe.model.split_model import SplitModel
+from faasmoe.planning.export import export
+from faasmoe.planning.plan import Plan
+from tests.reference import load_reference, reference_greedy
+
+
+def test_sharded_checkpoint_with_index_loads_and_matches(tiny_sharded, tmp_path):
+    index = json.loads((tiny_sharded / INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    export(tiny_sharded, tmp_path / "plan", 5)
+    split = SplitModel.load(tiny_sharded, tmp_path / "plan", local_executor)
+    prompt = [5, 17, 200, 3, 9]
+    expected = reference_greedy(load_reference(tiny_sharded), [prompt], 8)
+    assert generate(split.trunk, [prompt], SamplingParams(max_new_tokens=8)) == expected
+
+
+def test_not_a_qwen2_moe_directory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="'llama'"):
+        Checkpoint.open(tmp_path)
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        Checkpoint.open(tmp_path / "nowhere")
+
+
+def test_missing_shard_is_named(tiny_sharded, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sharded, broken)
+    victim = sorted(set(json.loads((broken / INDEX_FILE).read_text())["weight_map"].values()))[-1]
+    (broken / victim).unlink()
+    with pytest.raises(CheckpointError, match=f"shard {victim}"):
+        Checkpoint.open(broken)
+
+
+def test_no_weights_is_named(tiny_fp32, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_fp32 / "config.json", bare)
+    with pytest.raises(CheckpointError, match="no weights"):
+        Checkpoint.open(bare)
+
+
+def test_plan_that_does_not_match_its_model(tiny_fp32, mixed_fp32, tmp_path):
+    export(mixed_fp32, tmp_path / "plan", 4)
+    with pytest.raises(PlanError, match="does not match model.*num_experts"):
+        SplitModel.load(tiny_fp32, tmp_path / "plan", local_executor)
+    with pytest.raises(PlanError, match="plan.json is missing"):
+        Plan.load(tmp_path)
+
+
+def test_shard_missing_an_expert_is_named(tiny_fp32, tmp_path):
+    plan = export(tiny_fp32, tmp_path / "plan", 4)
+    function = plan.functions[1]
+    shard = tmp_path / "plan" / function.shard
+    with safe_open(str(shard), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if ".experts.5." not in k}
+        metadata = f.metadata()
+    save_file(tensors, str(shard), metadata=metadata)
+    with pytest.raises(ShardError, match=f"{function.name}.*lacks expert 5 of layer 0"):
+        SplitModel.load(tiny_fp32, tmp_path / "plan", local_executor)
+
+
+def test_plan_groups_qwen_into_fifteen_functions_or_fewer():
+    from faasmoe.planning.plan import ModelShape
+
+    shape = ModelShape(
+        model_type="qwen2_moe",
+        num_hidden_layers=24,
+        hidden_size=2048,
+        moe_intermediate_size=1408,
+        num_experts=60,
+        num_experts_per_tok=4,
+        dtype="bfloat16",
+        moe_layers=list(range(24)),
+    )
+    plan = Plan.group(shape, experts_per_function=60, layers_per_function=2)
+    assert len(plan.functions) == 12
+    held = sorted(pair for f in plan.functions for pair in f.experts)
+    assert held == [(layer, e) for layer in range(24) for e in range(60)]
+    uneven = Plan.group(shape, experts_per_function=7)
+    assert [len(f.experts) for f in uneven.functions[:9]] == [7] * 8 + [4]
+
+
+def test_export_writes_hub_layout_and_sizes(tiny_fp32, tmp_path):
+    plan = export(tiny_fp32, tmp_path / "plan", 5)
+    function = plan.functions[0]
+    with safe_open(str(tmp_path / "plan" / function.shard), framework="pt") as f:
+        keys = sorted(f.keys())
+    assert keys[0] == "model.layers.0.mlp.experts.0.down_proj.weight"
+    assert len(keys) == 3 * len(function.experts)
+    assert function.bytes > 0
+    with safe_open(str(tmp_path / "plan" / plan.trunk), framework="pt") as f:
+        assert not any(".mlp.experts." in k for k in f.keys())
+
+
+def test_plan_dir_is_self_contained(tiny_fp32, tmp_path: Path):
+    plan = export(tiny_fp32, tmp_path / "plan", 6)
+    again = Plan.load(tmp_path / "plan")
+    assert again == plan
