@@ -140,6 +140,23 @@ def _generate(
     }
 
 
+@app.command("gateway")
+def gateway_command(
+    host: Annotated[str, typer.Option(help="listen address (loopback only without --basic-auth)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="listen port")] = 8080,
+    idle_timeout: Annotated[float | None, typer.Option(help="seconds idle before scale to zero (default 300)")] = None,
+    basic_auth: Annotated[str | None, typer.Option(help="USER:PASSWORD required on /system/*")] = None,
+) -> None:
+    """Run the embedded OpenFaaS-compatible gateway: each function a local process, scaled to and from zero."""
+    from faasmoe.errors import FaasmoeError
+    from faasmoe.gateway.embedded import gateway_command as run
+
+    try:
+        run(host, port, idle_timeout, basic_auth)
+    except (FaasmoeError, ValueError) as exc:
+        _fail(str(exc))
+
+
 def _executor_factory(gateway: str | None, basic_auth: str | None):
     if gateway is None:
         from faasmoe.dispatch.local import local_executor

@@ -99,16 +99,6 @@ class RemoteTransport:
         self.loop.stop()
 
 
-def gateway_settings(url: str, basic_auth: str | None = None) -> GatewaySettings:
-    """Settings from a URL and optional USER:PASSWORD, as the CLI takes them."""
-    if basic_auth is None:
-        return GatewaySettings(base_url=url)
-    user, sep, password = basic_auth.partition(":")
-    if not sep or not user:
-        raise ValueError("basic auth must be USER:PASSWORD")
-    return GatewaySettings(base_url=url, username=user, password=password)
-
-
 async def _make_client(settings: GatewaySettings) -> GatewayClient:
     # The client's connection pool belongs to the loop that creates it.
     return GatewayClient(settings)
@@ -120,7 +110,7 @@ def remote_executor(plan: Plan, settings: GatewaySettings, log: InvocationLog | 
 
 def remote_executor_factory(gateway_url: str, basic_auth: str | None = None, log: InvocationLog | None = None):
     """An ExecutorFactory for SplitModel.load that reaches the plan's functions through a gateway."""
-    settings = gateway_settings(gateway_url, basic_auth)
+    settings = GatewaySettings.from_url(gateway_url, basic_auth)
 
     def make(plan: Plan, plan_dir: Path) -> DispatchExecutor:
         return remote_executor(plan, settings, log)
