@@ -1,0 +1,50 @@
+"""The documented commands, run as a user runs them: init-model, export, generate --json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.reference import load_reference, reference_greedy
+
+
+def faasmoe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "faasmoe.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_init_export_generate(tmp_path):
+    model = tmp_path / "model"
+    assert faasmoe("init-model", model, "--preset", "tiny", "--dtype", "float32", "--seed", "7").returncode == 0
+    exported = faasmoe("export", model, tmp_path / "plan", "--experts-per-function", "5")
+    assert exported.returncode == 0, exported.stderr
+    assert "3 functions" in exported.stdout or "functions" in exported.stdout
+
+    run = faasmoe(
+        "generate",
+        "--model",
+        model,
+        "--plan",
+        tmp_path / "plan",
+        "--prompt-ids",
+        "3,14,15,92,65",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["token_ids"] == reference_greedy(load_reference(model), [[3, 14, 15, 92, 65]], 12)[0]
+
+    text = faasmoe("generate", "--model", model, "--prompt", "Hello experts", "--max-new-tokens", "4", "--json")
+    assert text.returncode == 0, text.stderr
+    assert len(json.loads(text.stdout)["token_ids"]) == 4
+
+
+def test_generate_rejects_bad_input(tmp_path):
+    missing = faasmoe("generate", "--model", tmp_path / "nowhere", "--prompt", "hi")
+    assert missing.returncode == 2 and "config.json is missing" in missing.stderr
+    both = faasmoe("generate", "--model", tmp_path, "--prompt", "hi", "--prompt-ids", "1")
+    assert both.returncode == 2 and "exactly one" in both.stderr
