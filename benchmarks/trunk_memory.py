@@ -36,7 +36,9 @@ print(json.dumps(resident_memory().as_dict()))
 
 
 def measure(model_dir: Path, side: str) -> dict[str, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(model_dir), side], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(model_dir), side], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
