@@ -26,3 +26,7 @@ class ExpertExecutor(Protocol):
         Returning a future lets the trunk compute the shared expert while the routed experts run.
         """
         ...
+
+    def close(self) -> None:
+        """Releases connections and threads; the executor is not used afterwards."""
+        ...

@@ -23,6 +23,9 @@ class LocalTransport:
         future.set_result([self.sets[call.function.name].partial_sum(call.batch) for call in calls])
         return future
 
+    def close(self) -> None:
+        """Nothing to release: the weights go with the object."""
+
 
 def local_executor(plan: Plan, plan_dir: Path) -> DispatchExecutor:
     return DispatchExecutor(plan, LocalTransport(plan, plan_dir))

@@ -31,6 +31,8 @@ class Transport(Protocol):
         """Runs every call (concurrently where it can); yields each call's [R_f, H] float32 partial sum."""
         ...
 
+    def close(self) -> None: ...
+
 
 class DispatchExecutor:
     """The ExpertExecutor for a plan: one call per function that holds an expert the layer's tokens chose."""
@@ -43,6 +45,9 @@ class DispatchExecutor:
         calls = self.scatter(tokens)
         partials = self.transport.send(calls)
         return _then(partials, lambda results: self.gather(tokens, calls, results))
+
+    def close(self) -> None:
+        self.transport.close()
 
     def scatter(self, tokens: RoutedTokens) -> list[FunctionCall]:
         owner = self.plan.owners[tokens.layer][tokens.expert_ids]  # [T, K] function index per slot

@@ -23,6 +23,7 @@ class SplitModel:
     plan_dir: Path
     trunk: Trunk
     tokenizer: PreTrainedTokenizerBase
+    executor: ExpertExecutor
 
     @classmethod
     def load(cls, model_dir: Path, plan_dir: Path, make_executor: ExecutorFactory) -> SplitModel:
@@ -32,7 +33,10 @@ class SplitModel:
         executor = make_executor(plan, plan_dir)
         trunk = Trunk.load(checkpoint, executor, plan_dir / plan.trunk)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return cls(checkpoint, plan, plan_dir, trunk, tokenizer)
+        return cls(checkpoint, plan, plan_dir, trunk, tokenizer, executor)
+
+    def close(self) -> None:
+        self.executor.close()
 
     @property
     def vocab_size(self) -> int:
