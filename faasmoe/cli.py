@@ -140,6 +140,74 @@ def _generate(
     }
 
 
+@app.command("stack")
+def stack_command(
+    plan_dir: Annotated[Path, typer.Argument(help="plan directory written by `faasmoe export`")],
+    out: Annotated[Path, typer.Option(help="where to write stack.yml")] = Path("stack.yml"),
+    image: Annotated[str | None, typer.Option(help="the expert-group function image")] = None,
+    gateway: Annotated[str | None, typer.Option(help="provider.gateway URL")] = None,
+    weights_uri: Annotated[str | None, typer.Option(help="the plan directory as functions see it")] = None,
+    zero_duration: Annotated[str | None, typer.Option(help="idle time before scale to zero, e.g. 5m")] = None,
+) -> None:
+    """Write stack.yml for `faas-cli deploy`: one function per plan entry."""
+    from faasmoe.errors import FaasmoeError
+    from faasmoe.planning.plan import Plan
+    from faasmoe.planning.stack import write_stack
+
+    try:
+        plan = Plan.load(plan_dir)
+        settings = _stack_settings(image=image, gateway=gateway, weights_uri=weights_uri, zero_duration=zero_duration)
+        write_stack(plan, out, settings)
+    except FaasmoeError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}: {len(plan.functions)} functions")
+
+
+@app.command("deploy")
+def deploy_command(
+    plan_dir: Annotated[Path, typer.Argument(help="plan directory written by `faasmoe export`")],
+    gateway: Annotated[str, typer.Option(help="OpenFaaS gateway URL")],
+    basic_auth: Annotated[str | None, typer.Option(help="USER:PASSWORD for /system/*")] = None,
+    image: Annotated[str | None, typer.Option(help="the expert-group function image")] = None,
+    weights_uri: Annotated[
+        str | None, typer.Option(help="plan directory as functions see it (default: its path)")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads per function (exactness: match the trunk)")] = None,
+    zero_duration: Annotated[str | None, typer.Option(help="idle time before scale to zero, e.g. 5m")] = None,
+) -> None:
+    """Deploy (or update) every function of a plan through the gateway API, like `faas-cli deploy`."""
+    import asyncio
+
+    from faasmoe.errors import FaasmoeError
+    from faasmoe.gateway.client import GatewayClient, GatewaySettings
+    from faasmoe.planning.deploy import deploy_plan
+    from faasmoe.planning.plan import Plan
+
+    async def run() -> list[str]:
+        async with GatewayClient(GatewaySettings.from_url(gateway, basic_auth)) as client:
+            return await deploy_plan(plan, client, settings)
+
+    try:
+        plan = Plan.load(plan_dir)
+        settings = _stack_settings(
+            image=image,
+            weights_uri=weights_uri or str(plan_dir.resolve()),
+            threads=threads,
+            zero_duration=zero_duration,
+        )
+        names = asyncio.run(run())
+    except (FaasmoeError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"deployed {len(names)} functions to {gateway}")
+
+
+def _stack_settings(**given):
+    """StackSettings from the options the user gave; the rest keep their defaults."""
+    from faasmoe.planning.stack import StackSettings
+
+    return StackSettings(**{key: value for key, value in given.items() if value is not None})
+
+
 @app.command("gateway")
 def gateway_command(
     host: Annotated[str, typer.Option(help="listen address (loopback only without --basic-auth)")] = "127.0.0.1",

@@ -48,3 +48,27 @@ def test_generate_rejects_bad_input(tmp_path):
     assert missing.returncode == 2 and "config.json is missing" in missing.stderr
     both = faasmoe("generate", "--model", tmp_path, "--prompt", "hi", "--prompt-ids", "1")
     assert both.returncode == 2 and "exactly one" in both.stderr
+
+
+def test_deploy_and_generate_through_gateway(tmp_path):
+    import os
+
+    from faasmoe.gateway.embedded.process import GatewayProcess
+
+    model = tmp_path / "model"
+    assert faasmoe("init-model", model, "--preset", "tiny", "--dtype", "bfloat16", "--seed", "9").returncode == 0
+    assert faasmoe("export", model, tmp_path / "plan", "--experts-per-function", "7").returncode == 0
+    with GatewayProcess() as gateway:
+        deployed = faasmoe("deploy", tmp_path / "plan", "--gateway", gateway.url, "--threads", "1")
+        assert deployed.returncode == 0, deployed.stderr
+        assert "deployed 4 functions" in deployed.stdout
+        env = dict(os.environ, OMP_NUM_THREADS="1")  # the trunk's thread count matches the functions'
+        run = subprocess.run(
+            [sys.executable, "-m", "faasmoe.cli", "generate", "--model", str(model), "--plan", str(tmp_path / "plan"),
+             "--prompt-ids", "8,6,7,5,3,0,9", "--max-new-tokens", "10", "--gateway", gateway.url, "--json"],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert len(gateway.function_processes()) == 4  # scaled from zero by the invocations
+    expected = reference_greedy(load_reference(model), [[8, 6, 7, 5, 3, 0, 9]], 10)[0]
+    assert json.loads(run.stdout)["token_ids"] == expected
