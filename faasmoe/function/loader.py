@@ -1,0 +1,116 @@
+"""Loads the function's shard in a background thread, so the server answers /health and /ready meanwhile."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from faasmoe.function import timeline as milestones
+from faasmoe.function.settings import FunctionSettings
+from faasmoe.function.timeline import Timeline
+
+if TYPE_CHECKING:
+    from faasmoe.experts.compute import ExpertSet
+    from faasmoe.function.invoke import Invoker
+
+logger = logging.getLogger(__name__)
+
+
+class LoadState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class WeightsLoader:
+    """Imports torch, fetches and loads the shard once; tells listeners when it is done either way."""
+
+    def __init__(self, settings: FunctionSettings, timeline: Timeline) -> None:
+        self.settings = settings
+        self.timeline = timeline
+        self.state = LoadState.LOADING
+        self.error: str | None = None
+        self.invoker: Invoker | None = None
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
+        # A daemon thread: SIGTERM during a long download or import must not wait for it.
+        self._thread = threading.Thread(target=self._run, name="faasmoe-loader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return self.state is not LoadState.LOADING
+
+    def on_done(self, listener: Callable[[], None]) -> None:
+        """Calls ``listener`` (from the loader thread) once loading ends, or now if it already has."""
+        with self._lock:
+            if not self.done:
+                self._listeners.append(listener)
+                return
+        listener()
+
+    def _run(self) -> None:
+        try:
+            invoker = self._load()
+        except Exception as exc:  # any failure is reported by /ready, never raised into a dead thread
+            logger.error("function %s: loading weights failed: %s", self.settings.function, exc)
+            self._finish(LoadState.FAILED, error=str(exc) or repr(exc))
+        else:
+            logger.info(
+                "function %s: %d experts (%.1f MB) ready %.2f s after process start",
+                self.settings.function,
+                len(invoker.experts.experts),
+                invoker.experts.nbytes() / 1e6,
+                self.timeline.get(milestones.LOADED),
+            )
+            self._finish(LoadState.READY, invoker=invoker)
+
+    def _load(self) -> Invoker:
+        import torch
+
+        from faasmoe.experts.shard import load_shard
+        from faasmoe.function import weights
+        from faasmoe.function.invoke import Invoker
+
+        if self.settings.threads is not None:
+            # Global in torch: the compute thread picks it up when it first runs a parallel op.
+            torch.set_num_threads(self.settings.threads)
+        self.timeline.mark(milestones.IMPORTS)
+        if weights.is_remote(self.settings.weights_uri):
+            path = weights.download_shard(self.settings)
+            self.timeline.mark(milestones.DOWNLOADED)
+            try:
+                experts = load_shard(path)
+            finally:
+                if not self.settings.keep_download:
+                    path.unlink(missing_ok=True)
+        else:
+            experts = load_shard(weights.local_shard_path(self.settings))
+        _detach_from_file(experts)
+        self.timeline.mark(milestones.LOADED)
+        return Invoker(experts)
+
+    def _finish(self, state: LoadState, invoker: Invoker | None = None, error: str | None = None) -> None:
+        with self._lock:
+            self.invoker, self.error = invoker, error
+            self.state = state
+            listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener()
+
+
+def _detach_from_file(experts: ExpertSet) -> None:
+    """Copies what still views the shard file, so the weights are held once, in anonymous memory.
+
+    safetensors hands out tensors that view its mmap of the file. Each [gate; up] is a copy already
+    (torch.cat), but a `down` kept the whole mapping alive: the process then held the file's pages as
+    well (about 1.7x the weights resident), and a deleted download still took its disk space.
+    """
+    for key, weights in experts.experts.items():
+        experts.experts[key] = dataclasses.replace(weights, down=weights.down.clone())
