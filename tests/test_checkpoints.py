@@ -17,7 +17,8 @@ from faasmoe.model.generate import generate
 from faasmoe.model.sampling import SamplingParams
 from faasmoe.model.split_model import SplitModel
 from faasmoe.planning.export import export
-from faasmoe.planning.plan import Plan
+from faasmoe.planning.plan import ModelShape, Plan
+from faasmoe.planning.stack import qwen15_shape
 from tests.reference import load_reference, reference_greedy
 
 
@@ -77,18 +78,7 @@ def test_shard_missing_an_expert_is_named(tiny_fp32, tmp_path):
 
 
 def test_plan_groups_qwen_into_fifteen_functions_or_fewer():
-    from faasmoe.planning.plan import ModelShape
-
-    shape = ModelShape(
-        model_type="qwen2_moe",
-        num_hidden_layers=24,
-        hidden_size=2048,
-        moe_intermediate_size=1408,
-        num_experts=60,
-        num_experts_per_tok=4,
-        dtype="bfloat16",
-        moe_layers=list(range(24)),
-    )
+    shape = qwen15_shape()
     plan = Plan.group(shape, experts_per_function=60, layers_per_function=2)
     assert len(plan.functions) == 12
     held = sorted(pair for f in plan.functions for pair in f.experts)
@@ -107,6 +97,14 @@ def test_export_writes_hub_layout_and_sizes(tiny_fp32, tmp_path):
     assert function.bytes > 0
     with safe_open(str(tmp_path / "plan" / plan.trunk), framework="pt") as f:
         assert not any(".mlp.experts." in k for k in f.keys())
+
+
+def test_shape_of_a_checkpoint_is_the_shape_of_its_config(mixed_fp32):
+    checkpoint = Checkpoint.open(mixed_fp32)
+    shape = ModelShape.of(checkpoint)
+    assert shape == ModelShape.from_config(checkpoint.config, checkpoint.dtype)
+    assert shape.moe_layers == checkpoint.moe_layers
+    assert shape.dtype == "float32"
 
 
 def test_plan_dir_is_self_contained(tiny_fp32, tmp_path: Path):

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from faasmoe.errors import PlanError
 from faasmoe.model.checkpoint import Checkpoint
+
+if TYPE_CHECKING:  # transformers costs ~1.5 s to import
+    from transformers import Qwen2MoeConfig
 
 PLAN_FILE = "plan.json"
 TRUNK_FILE = "trunk.safetensors"
@@ -33,7 +37,13 @@ class ModelShape(BaseModel):
 
     @classmethod
     def of(cls, checkpoint: Checkpoint) -> ModelShape:
-        c = checkpoint.config
+        return cls.from_config(checkpoint.config, checkpoint.dtype)
+
+    @classmethod
+    def from_config(cls, config: Qwen2MoeConfig, dtype: torch.dtype | None = None) -> ModelShape:
+        """The shape a config describes; ``dtype`` defaults to the config's (a preset's has none: float32)."""
+        c = config
+        dtype = dtype or c.dtype or torch.float32
         return cls(
             model_type=c.model_type,
             num_hidden_layers=c.num_hidden_layers,
@@ -41,8 +51,13 @@ class ModelShape(BaseModel):
             moe_intermediate_size=c.moe_intermediate_size,
             num_experts=c.num_experts,
             num_experts_per_tok=c.num_experts_per_tok,
-            dtype=str(checkpoint.dtype).removeprefix("torch."),
-            moe_layers=checkpoint.moe_layers,
+            dtype=str(dtype).removeprefix("torch."),
+            # Checkpoint.moe_layers' rule: every decoder_sparse_step-th layer not listed as MLP-only.
+            moe_layers=[
+                i
+                for i in range(c.num_hidden_layers)
+                if i not in c.mlp_only_layers and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
+            ],
         )
 
 

@@ -12,9 +12,20 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pydantic import BaseModel, Field
 
+# The OpenFaaS labels, spelled once for stack.yml, `faasmoe deploy` and the embedded gateway. Pro/Edge
+# understand scale.zero*; Community Edition ignores them and caps replicas at 5 (docs/openfaas.md).
+from faasmoe.gateway.schemas import (
+    ANNOTATION_READY_PATH,
+    LABEL_SCALE_MAX,
+    LABEL_SCALE_MIN,
+    LABEL_SCALE_ZERO,
+    LABEL_SCALE_ZERO_DURATION,
+)
+from faasmoe.model.presets import preset_config
 from faasmoe.planning.plan import FunctionSpec, ModelShape, Plan
 
 STACK_VERSION = 1.0
@@ -36,12 +47,6 @@ BASE_MEMORY_MIB = 384
 # fragmentation and request buffers. Page cache of the shard file is reclaimable and not counted.
 MEMORY_HEADROOM = 1.25
 
-# OpenFaaS labels (Pro/Edge understand scale.zero*; CE clamps scale.min to 1 and scale.max to 5).
-LABEL_SCALE_MIN = "com.openfaas.scale.min"
-LABEL_SCALE_MAX = "com.openfaas.scale.max"
-LABEL_SCALE_ZERO = "com.openfaas.scale.zero"
-LABEL_SCALE_ZERO_DURATION = "com.openfaas.scale.zero-duration"
-ANNOTATION_READY_PATH = "com.openfaas.ready.http.path"
 READY_PATH = "/ready"
 # faasmoe's own labels: Kubernetes label values allow [A-Za-z0-9._-], so spans are written "0-19".
 LABEL_LAYERS = "faasmoe.layers"
@@ -164,25 +169,12 @@ def write_stack(plan: Plan, out: Path, settings: StackSettings | None = None) ->
 
 def expert_bytes(shape: ModelShape) -> int:
     """Bytes of one routed expert: gate, up [I, H] and down [H, I] in the model dtype."""
-    import torch
-
     return 3 * shape.moe_intermediate_size * shape.hidden_size * getattr(torch, shape.dtype).itemsize
 
 
 def qwen15_shape() -> ModelShape:
-    """Qwen1.5-MoE-A2.7B's shape, without any weights (every one of its 24 layers is MoE)."""
-    from faasmoe.model.presets import QWEN15_MOE_A27B as q
-
-    return ModelShape(
-        model_type="qwen2_moe",
-        num_hidden_layers=q["num_hidden_layers"],
-        hidden_size=q["hidden_size"],
-        moe_intermediate_size=q["moe_intermediate_size"],
-        num_experts=q["num_experts"],
-        num_experts_per_tok=q["num_experts_per_tok"],
-        dtype="bfloat16",
-        moe_layers=list(range(q["num_hidden_layers"])),
-    )
+    """Qwen1.5-MoE-A2.7B's shape in bf16, without any weights (every one of its 24 layers is MoE)."""
+    return ModelShape.from_config(preset_config("qwen1.5-moe-a2.7b"), torch.bfloat16)
 
 
 def sized_plan(shape: ModelShape, experts_per_function: int, layers_per_function: int = 1) -> Plan:
