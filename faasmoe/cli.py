@@ -113,6 +113,7 @@ def generate_command(
 def _generate(
     model, plan_dir, scratch, prompt, prompt_ids, max_new_tokens, temperature, seed, gateway, basic_auth
 ) -> dict:
+    from faasmoe.dispatch.factory import executor_factory
     from faasmoe.model.generate import generate
     from faasmoe.model.sampling import SamplingParams
     from faasmoe.model.split_model import SplitModel
@@ -122,7 +123,7 @@ def _generate(
     if plan_dir is None:
         plan_dir = scratch / "plan"
         export(model, plan_dir, experts_per_function=20)
-    split = SplitModel.load(model, plan_dir, _executor_factory(gateway, basic_auth))
+    split = SplitModel.load(model, plan_dir, executor_factory(gateway, basic_auth))
     ids = split.tokenizer.encode(prompt) if prompt is not None else _parse_ids(prompt_ids, split.vocab_size)
     loaded = time.perf_counter()
     params = SamplingParams(max_new_tokens, temperature, seed=seed, stop_token_ids=())
@@ -225,14 +226,61 @@ def gateway_command(
         _fail(str(exc))
 
 
-def _executor_factory(gateway: str | None, basic_auth: str | None):
-    if gateway is None:
-        from faasmoe.dispatch.local import local_executor
+@app.command("serve")
+def serve_command(
+    model: Annotated[Path | None, typer.Option(help="checkpoint directory (config, tokenizer)")] = None,
+    plan: Annotated[Path | None, typer.Option(help="plan directory written by `faasmoe export`")] = None,
+    tenants: Annotated[Path | None, typer.Option(help="tenants file (YAML)")] = None,
+    gateway: Annotated[str | None, typer.Option(help="OpenFaaS gateway URL; without it experts run in-process")] = None,
+    gateway_basic_auth: Annotated[str | None, typer.Option(help="USER:PASSWORD for the gateway")] = None,
+    host: Annotated[str | None, typer.Option(help="listen address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="listen port (default 8000)")] = None,
+    mode: Annotated[str | None, typer.Option(help="shared (one control plane) or private (one per tenant)")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="model id in /v1/models (default: folder name)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+) -> None:
+    """Serve the OpenAI-compatible multi-tenant API (options also from FAASMOE_SERVE_* variables)."""
+    from pydantic import ValidationError
 
-        return local_executor
-    from faasmoe.dispatch.remote import remote_executor_factory
+    from faasmoe.errors import FaasmoeError
+    from faasmoe.server.serve import serve
+    from faasmoe.server.settings import ServeSettings
 
-    return remote_executor_factory(gateway, basic_auth)
+    given = dict(model=model, plan=plan, tenants=tenants, gateway=gateway, gateway_basic_auth=gateway_basic_auth,
+                 host=host, port=port, mode=mode, served_model_name=served_model_name, threads=threads)  # fmt: skip
+    try:
+        settings = ServeSettings(**{key: value for key, value in given.items() if value is not None})
+        serve(settings)
+    except ValidationError as exc:
+        _fail(f"bad settings:\n{exc}")
+    except FaasmoeError as exc:
+        _fail(str(exc))
+
+
+@app.command("up")
+def up_command(
+    model: Annotated[Path | None, typer.Option(help="checkpoint directory (default: build the demo model)")] = None,
+    tenants: Annotated[Path | None, typer.Option(help="tenants file (default: three demo tenants)")] = None,
+    host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="listen port")] = 8000,
+    experts_per_function: Annotated[int, typer.Option(min=1)] = 20,
+    layers_per_function: Annotated[int, typer.Option(min=1)] = 1,
+    idle_timeout: Annotated[str, typer.Option(help="functions scale to zero after this long idle")] = "60s",
+    workdir: Annotated[Path, typer.Option(help="models, plans, tenants and logs")] = Path(".faasmoe"),
+) -> None:
+    """The whole platform on this machine: embedded gateway, functions, control plane. Ctrl-C stops it all."""
+    from pydantic import ValidationError
+
+    from faasmoe.errors import FaasmoeError
+    from faasmoe.up import UpSettings, up
+
+    try:
+        up(UpSettings(model=model, tenants=tenants, host=host, port=port, experts_per_function=experts_per_function,
+                      layers_per_function=layers_per_function, idle_timeout=idle_timeout, workdir=workdir))  # fmt: skip
+    except ValidationError as exc:
+        _fail(f"bad settings:\n{exc}")
+    except FaasmoeError as exc:
+        _fail(str(exc))
 
 
 def _parse_ids(text: str, vocab_size: int) -> list[int]:

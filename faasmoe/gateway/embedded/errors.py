@@ -19,7 +19,3 @@ class FunctionExists(BadRequest):
 
 class ReplicaUnavailable(FaasmoeError):
     """No replica could serve the request: it failed to start, timed out or died (HTTP 502)."""
-
-
-class GatewayStartError(FaasmoeError):
-    """A gateway started as a child process exited or did not become healthy."""

@@ -1,0 +1,311 @@
+"""The two generation endpoints: validated body -> admitted Generation -> JSON body or SSE stream.
+
+Completions and chat completions differ only in how the prompt is made (text/ids vs chat template)
+and in the shape of their response objects; `CompletionFormat` and `ChatFormat` hold the difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from faasmoe.model.sampling import SamplingParams
+from faasmoe.server.generation import Delta, Generation, GenerationFailed
+from faasmoe.server.platform import Platform
+from faasmoe.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, completion_id, now
+from faasmoe.server.sequence import GenerationRequest, TokenEvent
+from faasmoe.server.tenants import QuotaExceeded, Tenant
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Job:
+    """A request turned into engine terms, with what its response needs to know."""
+
+    body: CompletionRequest | ChatCompletionRequest
+    prompt_ids: list[int]
+    model: str
+    id: str
+    created: int = field(default_factory=now)
+
+
+async def create(
+    platform: Platform, tenant: Tenant, body: CompletionRequest | ChatCompletionRequest, http: Request
+) -> Response:
+    job = _job(platform, tenant, body)
+    generation = _admit(platform, tenant, job)
+    fmt: _Format = (
+        ChatFormat(platform, job) if isinstance(body, ChatCompletionRequest) else CompletionFormat(platform, job)
+    )
+    if body.stream:
+        return StreamingResponse(
+            _sse(fmt, generation), media_type="text/event-stream", background=BackgroundTask(generation.close)
+        )
+    deltas = await _collect_unless_disconnected(generation, http)
+    return JSONResponse(fmt.full(deltas, generation.completion_tokens))
+
+
+def _job(platform: Platform, tenant: Tenant, body: CompletionRequest | ChatCompletionRequest) -> Job:
+    model = platform.settings.model_name
+    if body.model != model:
+        raise ApiError(
+            404,
+            f"model {body.model!r} does not exist; this server serves {model!r}",
+            param="model",
+            code="model_not_found",
+        )
+    if not tenant.may_use(model):
+        raise ApiError(
+            403,
+            f"tenant {tenant.name} may not use model {model!r}",
+            type="permission_error",
+            param="model",
+            code="model_not_allowed",
+        )
+    prompt_ids = _prompt_ids(platform, body)
+    prefix = "chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl"
+    return Job(body, prompt_ids, model, completion_id(prefix))
+
+
+def _prompt_ids(platform: Platform, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
+    tokenizer = platform.model.tokenizer
+    if isinstance(body, ChatCompletionRequest):
+        messages = [{"role": m.role, "content": m.text} for m in body.messages]
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    elif isinstance(body.prompt, str):
+        ids = tokenizer.encode(body.prompt)
+    else:
+        ids = body.prompt
+        vocab = platform.model.vocab_size
+        if bad := [i for i in ids if i >= vocab]:
+            raise ApiError(
+                400, f"prompt token ids must be below the vocabulary size {vocab}; got {bad[:5]}", param="prompt"
+            )
+    if not ids:
+        raise ApiError(400, "the prompt has no tokens", param="prompt")
+    if len(ids) > platform.max_prompt_tokens:
+        raise ApiError(
+            400,
+            f"the prompt has {len(ids)} tokens, over the limit of {platform.max_prompt_tokens}",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    return ids
+
+
+def _admit(platform: Platform, tenant: Tenant, job: Job) -> Generation:
+    body = job.body
+    context = platform.model.checkpoint.config.max_position_embeddings
+    room = context - len(job.prompt_ids)
+    max_tokens = body.max_tokens if body.max_tokens is not None else min(platform.settings.default_max_tokens, room)
+    if max_tokens > room:
+        raise ApiError(
+            400,
+            f"prompt ({len(job.prompt_ids)} tokens) + max_tokens ({max_tokens}) is over the "
+            f"context length of {context}",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    try:
+        admission = tenant.admit(max_tokens, len(job.prompt_ids))
+    except QuotaExceeded as exc:
+        raise ApiError(
+            429,
+            str(exc),
+            type="rate_limit_error",
+            code="quota_exceeded",
+            headers={"Retry-After": str(round(exc.retry_after_s))},
+        ) from None
+    params = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop_token_ids=() if body.ignore_eos else platform.model.eos_token_ids,
+    )
+    logprobs = body.logprobs_count if isinstance(body, ChatCompletionRequest) else body.logprobs
+    request = GenerationRequest(tenant.name, job.prompt_ids, params, logprobs)
+    engine = platform.orchestrator.engine_for(tenant.name)
+    return Generation(engine, request, body.stop_strings, admission, platform.metrics)
+
+
+async def _collect_unless_disconnected(generation: Generation, http: Request) -> list[Delta]:
+    """All deltas; if the client disconnects first, the generation is cancelled (and its KV freed)."""
+
+    async def collect() -> list[Delta]:
+        return [delta async for delta in generation.deltas()]
+
+    work = asyncio.ensure_future(collect())
+    gone = asyncio.ensure_future(_disconnected(http))
+    await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not work.done():
+        work.cancel()
+        raise ApiError(499, "client closed the request")
+    try:
+        return work.result()
+    except GenerationFailed as exc:
+        raise ApiError(500, f"generation failed: {exc}", type="server_error") from None
+
+
+async def _disconnected(http: Request) -> None:
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse(fmt: _Format, generation: Generation) -> AsyncIterator[bytes]:
+    """Server-sent events; an error mid-stream becomes an error event before [DONE]."""
+    try:
+        first = True
+        async for delta in generation.deltas():
+            yield _event(fmt.chunk(delta, first))
+            first = False
+        if fmt.job.body.include_usage:
+            yield _event(fmt.usage_chunk(generation.completion_tokens))
+    except GenerationFailed as exc:
+        yield _event(ApiError(500, f"generation failed: {exc}", type="server_error").body.model_dump())
+    yield SSE_DONE
+
+
+def _event(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _Format:
+    """What both endpoints' responses share: ids, usage, vLLM's token ids, logprob token strings."""
+
+    object_full: str
+    object_chunk: str
+
+    def __init__(self, platform: Platform, job: Job) -> None:
+        self.tokenizer = platform.model.tokenizer
+        self.job = job
+
+    def envelope(self, obj: str, choices: list[dict]) -> dict:
+        return {
+            "id": self.job.id,
+            "object": obj,
+            "created": self.job.created,
+            "model": self.job.model,
+            "choices": choices,
+        }
+
+    def usage(self, completion_tokens: int) -> dict:
+        prompt = len(self.job.prompt_ids)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens,
+        }
+
+    def usage_chunk(self, completion_tokens: int) -> dict:
+        return self.envelope(self.object_chunk, []) | {"usage": self.usage(completion_tokens)}
+
+    def token_ids(self, deltas: list[Delta], first: bool) -> dict:
+        if not self.job.body.return_token_ids:
+            return {}
+        ids = {"token_ids": [t.token_id for d in deltas for t in d.tokens]}
+        return ids | ({"prompt_token_ids": self.job.prompt_ids} if first else {})
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def full(self, deltas: list[Delta], completion_tokens: int) -> dict:
+        body = self.envelope(self.object_full, [self.choice(deltas)])
+        return body | {"usage": self.usage(completion_tokens)}
+
+    def choice(self, deltas: list[Delta]) -> dict:
+        raise NotImplementedError
+
+    def chunk(self, delta: Delta, first: bool) -> dict:
+        raise NotImplementedError
+
+
+class CompletionFormat(_Format):
+    object_full = object_chunk = "text_completion"
+
+    def choice(self, deltas: list[Delta]) -> dict:
+        return {
+            "index": 0,
+            "text": "".join(d.text for d in deltas),
+            "logprobs": self.logprobs([t for d in deltas for t in d.tokens]),
+            "finish_reason": deltas[-1].finish_reason if deltas else None,
+        } | self.token_ids(deltas, first=True)
+
+    def chunk(self, delta: Delta, first: bool) -> dict:
+        choice = {
+            "index": 0,
+            "text": delta.text,
+            "logprobs": self.logprobs(delta.tokens),
+            "finish_reason": delta.finish_reason,
+        } | self.token_ids([delta], first)
+        return self.envelope(self.object_chunk, [choice])
+
+    def logprobs(self, tokens: list[TokenEvent]) -> dict | None:
+        if self.job.body.logprobs is None:
+            return None
+        texts = [self.token_text(t.token_id) for t in tokens]
+        offsets = [sum(len(x) for x in texts[:i]) for i in range(len(texts))]
+        return {
+            "tokens": texts,
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [self.top(t) for t in tokens],
+            "text_offset": offsets,
+        }
+
+
+    def top(self, token: TokenEvent) -> dict[str, float]:
+        """Keyed by text as OpenAI does; ids that decode alike (partial UTF-8) keep the likeliest's logprob."""
+        top: dict[str, float] = {}
+        for token_id, logprob in (token.top_logprobs or {}).items():  # most likely first
+            top.setdefault(self.token_text(token_id), logprob)
+        return top
+
+
+class ChatFormat(_Format):
+    object_full = "chat.completion"
+    object_chunk = "chat.completion.chunk"
+
+    def choice(self, deltas: list[Delta]) -> dict:
+        message = {"role": "assistant", "content": "".join(d.text for d in deltas)}
+        return {
+            "index": 0,
+            "message": message,
+            "logprobs": self.logprobs([t for d in deltas for t in d.tokens]),
+            "finish_reason": deltas[-1].finish_reason if deltas else None,
+        } | self.token_ids(deltas, first=False)
+
+    def full(self, deltas: list[Delta], completion_tokens: int) -> dict:
+        body = super().full(deltas, completion_tokens)
+        # vLLM puts a chat response's prompt ids beside its choices
+        return body | ({"prompt_token_ids": self.job.prompt_ids} if self.job.body.return_token_ids else {})
+
+    def chunk(self, delta: Delta, first: bool) -> dict:
+        content = {"role": "assistant", "content": delta.text} if first else {"content": delta.text}
+        choice = {
+            "index": 0,
+            "delta": content,
+            "logprobs": self.logprobs(delta.tokens),
+            "finish_reason": delta.finish_reason,
+        } | self.token_ids([delta], first)
+        return self.envelope(self.object_chunk, [choice])
+
+    def logprobs(self, tokens: list[TokenEvent]) -> dict | None:
+        if not self.job.body.logprobs:
+            return None
+        content = []
+        for t in tokens:
+            top = [self.entry(i, lp) for i, lp in (t.top_logprobs or {}).items()]
+            content.append(self.entry(t.token_id, t.logprob) | {"top_logprobs": top})
+        return {"content": content}
+
+    def entry(self, token_id: int, logprob: float | None) -> dict:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}

@@ -1,0 +1,37 @@
+"""`faasmoe serve`: load the platform, then serve HTTP until SIGINT/SIGTERM, then stop the engines."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import uvicorn
+
+from faasmoe.server.api import create_app
+from faasmoe.server.platform import Platform
+from faasmoe.server.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+# Streams in flight get this long to finish on shutdown before they are cut.
+GRACEFUL_SHUTDOWN_S = 10
+
+
+def serve(settings: ServeSettings) -> None:
+    """Raises faasmoe.errors.FaasmoeError (bad checkpoint, plan or tenants file) before listening."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    platform = Platform.load(settings)
+    log.info("serving %s (%s mode, %d tenants) on http://%s:%d", settings.model_name, settings.mode.value,
+             len(platform.tenants.tenants), settings.host, settings.port)  # fmt: skip
+    try:
+        uvicorn.run(
+            create_app(platform),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+    finally:
+        platform.stop()

@@ -1,0 +1,96 @@
+"""`faasmoe up`: the whole platform on one machine, in one command.
+
+embedded gateway (functions as local processes) -> plan exported and deployed -> control plane serving
+the tenants. Ctrl-C stops the control plane, then the gateway and every function process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, Field
+from rich.console import Console
+
+from faasmoe.gateway.client import GatewayClient, GatewaySettings
+from faasmoe.gateway.embedded.process import GatewayProcess
+from faasmoe.model.init_model import InitModelOptions, init_model
+from faasmoe.planning.deploy import deploy_plan
+from faasmoe.planning.export import export
+from faasmoe.planning.plan import PLAN_FILE, Plan
+from faasmoe.planning.stack import StackSettings
+
+DEMO_TENANTS = ("alpha", "beta", "gamma")
+TENANTS_FILE = "tenants.yaml"
+GATEWAY_URL_FILE = "gateway.url"  # where tools (the demo) find the gateway
+
+
+class UpSettings(BaseModel):
+    model: Path | None = Field(None, description="checkpoint directory; None builds the default model")
+    tenants: Path | None = Field(None, description="tenants file; None writes one with three demo tenants")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    gateway_port: int | None = Field(None, description="None picks a free port")
+    experts_per_function: int = Field(20, ge=1)
+    layers_per_function: int = Field(1, ge=1)
+    idle_timeout: str = Field("60s", description="functions scale to zero after this long idle")
+    workdir: Path = Path(".faasmoe")
+    default_preset: str = "qwen1.5-bench"  # the real per-layer shapes, shallow, small vocabulary
+
+
+def up(settings: UpSettings, console: Console | None = None) -> None:
+    from faasmoe.server.serve import serve
+    from faasmoe.server.settings import ServeSettings
+
+    console = console or Console(stderr=True)
+    settings.workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = settings.model or _default_model(settings, console)
+    plan_dir = _plan(model_dir, settings, console)
+    tenants = settings.tenants or _demo_tenants(settings.workdir / TENANTS_FILE)
+    gateway_log = settings.workdir / "gateway.log"
+    with GatewayProcess(host="127.0.0.1", port=settings.gateway_port, log_path=gateway_log) as gateway:
+        with console.status("deploying functions"):
+            asyncio.run(_deploy(Plan.load(plan_dir), plan_dir, gateway.url, settings.idle_timeout))
+        (settings.workdir / GATEWAY_URL_FILE).write_text(gateway.url + "\n")
+        console.print(f"gateway  {gateway.url}  (function logs: {gateway_log})")
+        console.print(f"endpoint http://{settings.host}:{settings.port}/v1  tenants: {tenants}")
+        for tenant in yaml.safe_load(tenants.read_text())["tenants"]:
+            console.print(f"  tenant {tenant['name']:<8} key {tenant['api_keys'][0]}")
+        serve(ServeSettings(model=model_dir, plan=plan_dir, gateway=gateway.url, tenants=tenants,
+                            host=settings.host, port=settings.port))  # fmt: skip
+
+
+def _default_model(settings: UpSettings, console: Console) -> Path:
+    model_dir = settings.workdir / "models" / settings.default_preset
+    if not (model_dir / "config.json").exists():
+        with console.status(f"building the {settings.default_preset} model (random weights)"):
+            init_model(model_dir, InitModelOptions(preset=settings.default_preset, router_skew=1.0))
+    return model_dir
+
+
+def _plan(model_dir: Path, settings: UpSettings, console: Console) -> Path:
+    name = f"plan-e{settings.experts_per_function}-l{settings.layers_per_function}"
+    plan_dir = settings.workdir / "plans" / model_dir.name / name
+    if not (plan_dir / PLAN_FILE).exists():
+        with console.status("exporting expert shards"):
+            export(model_dir, plan_dir, settings.experts_per_function, settings.layers_per_function)
+    return plan_dir.resolve()
+
+
+async def _deploy(plan: Plan, plan_dir: Path, gateway_url: str, idle_timeout: str) -> None:
+    import torch
+
+    # The functions use the control plane's thread count, so results match in-process ones bit for bit.
+    stack = StackSettings(weights_uri=str(plan_dir), threads=torch.get_num_threads(), zero_duration=idle_timeout)
+    async with GatewayClient(GatewaySettings(base_url=gateway_url)) as client:
+        await deploy_plan(plan, client, stack)
+
+
+def _demo_tenants(path: Path) -> Path:
+    if not path.exists():
+        tenants = [{"name": name, "api_keys": [f"sk-{name}-{secrets.token_hex(8)}"]} for name in DEMO_TENANTS]
+        path.write_text(yaml.safe_dump({"tenants": tenants}, sort_keys=False))
+        path.chmod(0o600)
+    return path
