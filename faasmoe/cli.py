@@ -309,5 +309,11 @@ class _spinner:
         self.status.__exit__(*exc)
 
 
+# `faasmoe bench`: its options are BenchSettings' fields, declared with the benchmark.
+from faasmoe.bench.cli import bench_command  # noqa: E402
+
+app.command("bench")(bench_command)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,172 @@
+"""Turns one system's samples and request results into its figures (every figure the report shows)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from faasmoe.bench.loadgen import RequestResult
+from faasmoe.bench.sampler import ROLES, Sample
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    """Seconds; None when no request gave the figure."""
+
+    p50: float | None
+    p99: float | None
+    mean: float | None
+
+    @classmethod
+    def of(cls, values: list[float]) -> Percentiles:
+        if not values:
+            return cls(None, None, None)
+        ordered = sorted(values)
+        return cls(percentile(ordered, 50), percentile(ordered, 99), sum(ordered) / len(ordered))
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """Gigabytes (1e9 bytes) summed over the system's processes; GB-s integrated over the window."""
+
+    avg_pss_gb: float
+    peak_pss_gb: float
+    avg_anon_gb: float
+    peak_anon_gb: float
+    avg_file_gb: float
+    avg_rss_gb: float
+    peak_rss_gb: float
+    pss_gb_s: float
+    function_pss_gb_s: float
+    avg_pss_gb_by_role: dict[str, float]
+
+
+@dataclass(frozen=True)
+class CpuFigures:
+    cpu_s: float  # user + system, every process of the system, over the window
+    avg_cpu_pct: float  # 100 = one core busy all the time
+    cpu_s_by_role: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RequestFigures:
+    requests: int
+    completed: int
+    failed: int
+    output_tokens: int
+    throughput_tok_s: float  # output tokens over the window
+    ttft_s: Percentiles
+    tpot_s: Percentiles  # per request: mean gap after the first token
+    itl_s: Percentiles  # every inter-token gap of every request (the warm decode step)
+    e2e_s: Percentiles
+    errors: list[str]  # the first few, for the report
+
+
+@dataclass(frozen=True)
+class FunctionFigures:
+    deployed: int
+    cold_starts: int  # new function processes seen during the window
+    avg_replicas: float | None  # function processes alive (starting or warm), time-averaged (None: no functions)
+    peak_replicas: int | None
+
+
+@dataclass(frozen=True)
+class CostFigures:
+    price_per_gb_s: float
+    function_usd: float  # what the expert functions would be billed: their memory-time x price
+    total_usd: float  # every process billed the same way, for comparing with systems without functions
+
+
+@dataclass
+class SystemResult:
+    system: str  # label, e.g. "faasmoe-shared/e20"
+    kind: str
+    experts_per_function: int | None
+    layers_per_function: int | None
+    window_s: float
+    startup_s: float
+    memory: MemoryFigures
+    cpu: CpuFigures
+    requests: RequestFigures
+    functions: FunctionFigures
+    cost: CostFigures
+    # Time series: (t, total PSS GB) and (t, function processes alive).
+    memory_series: list[tuple[float, float]] = field(default_factory=list)
+    replica_series: list[tuple[float, int]] = field(default_factory=list)
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks of an ascending list."""
+    if len(ordered) == 1:
+        return ordered[0]
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def integrate(samples: list[Sample], value) -> float:
+    """Trapezoid integral of ``value(sample)`` over the samples' times."""
+    return sum((b.t - a.t) * (value(a) + value(b)) / 2 for a, b in zip(samples, samples[1:], strict=False))
+
+
+def memory_figures(samples: list[Sample]) -> MemoryFigures:
+    window = max(samples[-1].t - samples[0].t, 1e-9)
+
+    def average(value) -> float:
+        return integrate(samples, value) / window / GB if len(samples) > 1 else value(samples[0]) / GB
+
+    return MemoryFigures(
+        avg_pss_gb=average(lambda s: s.pss),
+        peak_pss_gb=max(s.pss for s in samples) / GB,
+        avg_anon_gb=average(lambda s: s.anon),
+        peak_anon_gb=max(s.anon for s in samples) / GB,
+        avg_file_gb=average(lambda s: s.file),
+        avg_rss_gb=average(lambda s: s.rss),
+        peak_rss_gb=max(s.rss for s in samples) / GB,
+        pss_gb_s=integrate(samples, lambda s: s.pss) / GB,
+        function_pss_gb_s=integrate(samples, lambda s: s.role("function").pss) / GB,
+        avg_pss_gb_by_role={role: average(lambda s, r=role: s.role(r).pss) for role in ROLES},
+    )
+
+
+def cpu_figures(samples: list[Sample]) -> CpuFigures:
+    window = max(samples[-1].t - samples[0].t, 1e-9)
+    last = samples[-1]
+    return CpuFigures(
+        cpu_s=last.total_cpu_s,
+        avg_cpu_pct=100 * last.total_cpu_s / window,
+        cpu_s_by_role={role: last.cpu_s.get(role, 0.0) for role in ROLES},
+    )
+
+
+def request_figures(results: list[RequestResult], window_s: float, max_errors: int = 5) -> RequestFigures:
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.output_tokens for r in ok)
+    return RequestFigures(
+        requests=len(results),
+        completed=len(ok),
+        failed=len(results) - len(ok),
+        output_tokens=tokens,
+        throughput_tok_s=tokens / max(window_s, 1e-9),
+        ttft_s=Percentiles.of([r.ttft_s for r in ok if r.ttft_s is not None]),
+        tpot_s=Percentiles.of([r.tpot_s for r in ok if r.tpot_s is not None]),
+        itl_s=Percentiles.of([gap for r in ok for gap in r.inter_token_s()]),
+        e2e_s=Percentiles.of([r.e2e_s for r in ok]),
+        errors=sorted({r.error for r in results if r.error})[:max_errors],
+    )
+
+
+def function_figures(deployed: int, cold_starts: int, samples: list[Sample]) -> FunctionFigures:
+    if not deployed:
+        return FunctionFigures(0, cold_starts, None, None)
+    window = samples[-1].t - samples[0].t
+    replicas = [s.role("function").processes for s in samples]
+    average = integrate(samples, lambda s: s.role("function").processes) / window if window > 0 else replicas[0]
+    return FunctionFigures(deployed, cold_starts, average, max(replicas))
+
+
+def cost_figures(memory: MemoryFigures, price_per_gb_s: float) -> CostFigures:
+    return CostFigures(price_per_gb_s, memory.function_pss_gb_s * price_per_gb_s, memory.pss_gb_s * price_per_gb_s)
