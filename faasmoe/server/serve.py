@@ -20,6 +20,7 @@ GRACEFUL_SHUTDOWN_S = 10
 def serve(settings: ServeSettings) -> None:
     """Raises faasmoe.errors.FaasmoeError (bad checkpoint, plan or tenants file) before listening."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per expert invocation is noise
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     platform = Platform.load(settings)
