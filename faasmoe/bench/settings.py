@@ -36,7 +36,7 @@ QUICK_OVERRIDES: dict[str, object] = {
     "layers": None,
     "tenants": 2,
     "experts_per_function": [6],
-    "duration": 6.0,
+    "duration": 5.0,
     "rate": 1.5,
     "burst": 3.0,
     "idle": 3.0,
@@ -58,7 +58,7 @@ class BenchSettings(BaseModel):
         default_factory=lambda: [1, 4, 10, 20, 60], min_length=1, description="granularity sweep of faasmoe-*"
     )
     layers_per_function: int = Field(default=1, ge=1, description="consecutive MoE layers per function")
-    idle_timeout: float = Field(default=8.0, gt=0, description="function idle time before scale to zero")
+    idle_timeout: float = Field(default=20.0, gt=0, description="function idle time before scale to zero")
 
     # --- model ----------------------------------------------------------------------------------
     preset: str = Field(default="qwen1.5-bench", description="init-model preset of the random checkpoint")
@@ -69,11 +69,11 @@ class BenchSettings(BaseModel):
 
     # --- workload -------------------------------------------------------------------------------
     tenants: int = Field(default=6, ge=1)
-    duration: float = Field(default=60.0, gt=0, description="length of the generated workload")
+    duration: float = Field(default=80.0, gt=0, description="length of the generated workload")
     requests: int | None = Field(default=None, ge=1, description="cap on requests per tenant")
     rate: float = Field(default=0.25, gt=0, description="Poisson arrivals per tenant while active")
     burst: float = Field(default=20.0, gt=0, description="active period of each tenant")
-    idle: float = Field(default=20.0, ge=0, description="idle gap after each active period (0: none)")
+    idle: float = Field(default=40.0, ge=0, description="idle gap after each active period (0: none)")
     stagger: float = Field(default=0.0, ge=0, le=1, description="tenants' phase spread, as a fraction of a cycle")
     prompt_len: LengthDistribution = Field(default_factory=lambda: LengthDistribution.parse("lognormal:48,0.5"))
     output_len: LengthDistribution = Field(default_factory=lambda: LengthDistribution.parse("uniform:16-48"))

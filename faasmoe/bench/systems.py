@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,13 +90,18 @@ def launched(
                 wait_warm(gateway_url, names, settings.startup_timeout)
         groups = [[t] for t in tenants] if spec.kind is SystemKind.FULL_PER_TENANT else [tenants]
         mode = "private" if spec.kind is SystemKind.FAASMOE_PRIVATE else "shared"
-        endpoints: dict[str, Endpoint] = {}
-        for index, group in enumerate(groups):
-            server = processes.enter_context(
-                _server(assets.model.path, plan_dir, group, gateway_url, mode, settings, log_dir / f"server-{index}")
-            )
-            roots.append(ProcessRoot(server.pid, "control", "control"))
-            endpoints.update({t: Endpoint(server.url, api_key(t), MODEL_NAME) for t in group})
+        servers = [
+            _server(assets.model.path, plan_dir, group, gateway_url, mode, settings, log_dir / f"server-{index}")
+            for index, group in enumerate(groups)
+        ]
+        for server in servers:
+            processes.callback(server.stop)
+        with ThreadPoolExecutor(len(servers)) as pool:  # the servers load side by side, as a fleet would
+            list(pool.map(ServeProcess.start, servers))
+        roots += [ProcessRoot(server.pid, "control", "control") for server in servers]
+        endpoints = {
+            t: Endpoint(s.url, api_key(t), MODEL_NAME) for s, group in zip(servers, groups, strict=True) for t in group
+        }
         yield RunningSystem(spec, endpoints, roots, functions, time.monotonic() - started)
 
 
