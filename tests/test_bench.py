@@ -197,7 +197,7 @@ def fake_result(label: str, kind: SystemKind, pss_gb: float, cpu_s: float, tpot:
         requests=request_figures([timing], 10.0),
         functions=function_figures(0, 0, []),
         cost=cost_figures(memory, 1e-5),
-        memory_series=[(s.t, s.pss / 1e9) for s in samples],
+        memory_series=[(s.t, s.total("pss") / 1e9) for s in samples],
     )
 
 

@@ -54,6 +54,6 @@ def measure(
         requests=request_figures(results, window),
         functions=function_figures(system.deployed_functions, len(sampler.function_starts), samples),
         cost=cost_figures(memory, settings.price_per_gb_s),
-        memory_series=[(round(s.t, 3), round(s.pss / GB, 4)) for s in samples],
-        replica_series=[(round(s.t, 3), s.role("function").processes) for s in samples],
+        memory_series=[(round(s.t, 3), round(s.total("pss") / GB, 4)) for s in samples],
+        replica_series=[(round(s.t, 3), s.total("processes", "function")) for s in samples],
     )

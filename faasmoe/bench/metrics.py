@@ -115,20 +115,26 @@ def integrate(samples: list[Sample], value) -> float:
 def memory_figures(samples: list[Sample]) -> MemoryFigures:
     window = max(samples[-1].t - samples[0].t, 1e-9)
 
-    def average(value) -> float:
-        return integrate(samples, value) / window / GB if len(samples) > 1 else value(samples[0]) / GB
+    def gb_s(field: str, role: str | None = None) -> float:
+        return integrate(samples, lambda s: s.total(field, role)) / GB
+
+    def average(field: str, role: str | None = None) -> float:
+        return gb_s(field, role) / window if len(samples) > 1 else samples[0].total(field, role) / GB
+
+    def peak(field: str) -> float:
+        return max(s.total(field) for s in samples) / GB
 
     return MemoryFigures(
-        avg_pss_gb=average(lambda s: s.pss),
-        peak_pss_gb=max(s.pss for s in samples) / GB,
-        avg_anon_gb=average(lambda s: s.anon),
-        peak_anon_gb=max(s.anon for s in samples) / GB,
-        avg_file_gb=average(lambda s: s.file),
-        avg_rss_gb=average(lambda s: s.rss),
-        peak_rss_gb=max(s.rss for s in samples) / GB,
-        pss_gb_s=integrate(samples, lambda s: s.pss) / GB,
-        function_pss_gb_s=integrate(samples, lambda s: s.role("function").pss) / GB,
-        avg_pss_gb_by_role={role: average(lambda s, r=role: s.role(r).pss) for role in ROLES},
+        avg_pss_gb=average("pss"),
+        peak_pss_gb=peak("pss"),
+        avg_anon_gb=average("anon"),
+        peak_anon_gb=peak("anon"),
+        avg_file_gb=average("file"),
+        avg_rss_gb=average("rss"),
+        peak_rss_gb=peak("rss"),
+        pss_gb_s=gb_s("pss"),
+        function_pss_gb_s=gb_s("pss", "function"),
+        avg_pss_gb_by_role={role: average("pss", role) for role in ROLES},
     )
 
 
@@ -163,8 +169,8 @@ def function_figures(deployed: int, cold_starts: int, samples: list[Sample]) -> 
     if not deployed:
         return FunctionFigures(0, cold_starts, None, None)
     window = samples[-1].t - samples[0].t
-    replicas = [s.role("function").processes for s in samples]
-    average = integrate(samples, lambda s: s.role("function").processes) / window if window > 0 else replicas[0]
+    replicas = [s.total("processes", "function") for s in samples]
+    average = integrate(samples, lambda s: s.total("processes", "function")) / window if window > 0 else replicas[0]
     return FunctionFigures(deployed, cold_starts, average, max(replicas))
 
 

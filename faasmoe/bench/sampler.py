@@ -58,24 +58,13 @@ class Sample:
     cpu_s: dict[str, float]  # CPU-seconds (user + system) used by each role since the sampler started
 
     @property
-    def pss(self) -> int:
-        return sum(m.pss for m in self.memory.values())
-
-    @property
-    def anon(self) -> int:
-        return sum(m.anon for m in self.memory.values())
-
-    @property
-    def file(self) -> int:
-        return sum(m.file for m in self.memory.values())
-
-    @property
-    def rss(self) -> int:
-        return sum(m.rss for m in self.memory.values())
-
-    @property
     def total_cpu_s(self) -> float:
         return sum(self.cpu_s.values())
+
+    def total(self, field: str, role: str | None = None) -> int:
+        """``field`` ("pss", "anon", "file", "rss", "processes") summed over every role, or of one role."""
+        memories = self.memory.values() if role is None else [self.role(role)]
+        return sum(getattr(m, field) for m in memories)
 
     def role(self, name: str) -> RoleMemory:
         return self.memory.get(name, RoleMemory())

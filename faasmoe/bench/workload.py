@@ -54,10 +54,6 @@ class Trace:
         path.write_text("".join(r.to_json() + "\n" for r in self.requests))
 
 
-def tenant_names(count: int) -> list[str]:
-    return [f"tenant-{i}" for i in range(count)]
-
-
 def generate_trace(settings: BenchSettings, vocab_size: int) -> Trace:
     """Every tenant alternates ``burst_s`` active (Poisson arrivals at ``rate``) and ``idle_s`` idle.
 
@@ -65,7 +61,7 @@ def generate_trace(settings: BenchSettings, vocab_size: int) -> Trace:
     ``stagger`` 0 the tenants are active together (a shared daily peak), with 1 their bursts are
     spread evenly over the cycle.
     """
-    names = tenant_names(settings.tenants)
+    names = [f"tenant-{i}" for i in range(settings.tenants)]
     requests: list[TraceRequest] = []
     for index, tenant in enumerate(names):
         rng = random.Random(f"{settings.seed}:arrivals:{tenant}")
@@ -102,7 +98,7 @@ def prompt_ids(length: int, key: str, vocab_size: int) -> list[int]:
     return [rng.randrange(FIRST_ORDINARY_ID, limit) for _ in range(length)]
 
 
-def load_trace(path: Path, seed: int, vocab_size: int, min_duration_s: float = 0.0) -> Trace:
+def load_trace(path: Path, seed: int, vocab_size: int) -> Trace:
     """Reads a JSON-lines trace; raises ValueError naming the line of a malformed record."""
     requests: list[TraceRequest] = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -124,5 +120,4 @@ def load_trace(path: Path, seed: int, vocab_size: int, min_duration_s: float = 0
         raise ValueError(f"{path} holds no requests")
     requests.sort(key=lambda r: (r.t, r.tenant))
     tenants = sorted({r.tenant for r in requests})
-    duration = max(min_duration_s, requests[-1].t)
-    return Trace(requests, tenants, duration, str(path), {"seed": seed})
+    return Trace(requests, tenants, requests[-1].t, str(path), {"seed": seed})
