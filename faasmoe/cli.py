@@ -215,13 +215,16 @@ def gateway_command(
     port: Annotated[int, typer.Option(help="listen port")] = 8080,
     idle_timeout: Annotated[float | None, typer.Option(help="seconds idle before scale to zero (default 300)")] = None,
     basic_auth: Annotated[str | None, typer.Option(help="USER:PASSWORD required on /system/*")] = None,
+    function_spawn: Annotated[
+        str | None, typer.Option(help="fork replicas from a pre-imported runtime, or exec each anew (default fork)")
+    ] = None,
 ) -> None:
     """Run the embedded OpenFaaS-compatible gateway: each function a local process, scaled to and from zero."""
     from faasmoe.errors import FaasmoeError
     from faasmoe.gateway.embedded import gateway_command as run
 
     try:
-        run(host, port, idle_timeout, basic_auth)
+        run(host, port, idle_timeout, basic_auth, function_spawn=function_spawn)
     except (FaasmoeError, ValueError) as exc:
         _fail(str(exc))
 

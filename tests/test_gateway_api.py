@@ -309,7 +309,7 @@ def test_killed_replica_is_replaced_on_next_invocation(http: httpx.Client) -> No
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: pid_gone(pid), "the killed replica is gone")
     response = http.post("/function/fragile", content=b"still here")
-    assert response.status_code == 200
+    assert response.status_code == 200, response.text
     assert response.content == b"still here"
     assert int(response.headers["X-Echo-Pid"]) != pid
 

@@ -25,13 +25,12 @@ _POLL_S = 0.2
 
 
 def stack_settings(plan_dir: Path, always_on: bool, bench: BenchSettings) -> StackSettings:
-    threads = {} if bench.threads is None else {"threads": bench.threads}
     return StackSettings(
         weights_uri=str(plan_dir.resolve()),
         scale_min=1 if always_on else 0,
         scale_zero=not always_on,
         zero_duration=f"{round(bench.idle_timeout * 1000)}ms",
-        **threads,
+        threads=bench.function_threads,
     )
 
 

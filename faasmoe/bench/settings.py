@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
@@ -83,7 +84,13 @@ class BenchSettings(BaseModel):
     # --- measurement ----------------------------------------------------------------------------
     sample_interval: float = Field(default=0.5, gt=0, description="OS memory/CPU sampling period")
     price_per_gb_s: float = Field(default=AWS_LAMBDA_PRICE_PER_GB_S, ge=0)
-    threads: int | None = Field(default=None, ge=1, description="torch threads of every process (None: torch's)")
+    threads: int | None = Field(default=None, ge=1, description="torch threads of every server (None: torch's)")
+    # Function replicas share the machine's cores with each other and the control plane: one thread each
+    # keeps them from contending for the same cores (more would pay off with a core per replica).
+    function_threads: int = Field(default=1, ge=1, description="torch threads of every function replica")
+    function_spawn: Literal["fork", "exec"] = Field(
+        default="fork", description="replicas forked from the gateway's pre-imported runtime, or exec'd anew"
+    )
     startup_timeout: float = Field(default=600.0, gt=0, description="per system, until every server is ready")
     request_timeout: float = Field(default=600.0, gt=0)
     drain_timeout: float = Field(default=300.0, ge=0, description="wait for in-flight requests after the trace")

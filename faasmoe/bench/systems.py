@@ -133,5 +133,6 @@ def _server(
 def _gateway(settings: BenchSettings, log_dir: Path) -> GatewayProcess:
     args = ["--idle-timeout", str(settings.idle_timeout), "--log-dir", str(log_dir / "functions")]
     args += ["--reaper-interval", str(settings.idle_timeout * REAPER_FRACTION)]
+    args += ["--function-spawn", settings.function_spawn]
     args += ["--cold-start-timeout", str(settings.startup_timeout)]
     return GatewayProcess(args=args, log_path=log_dir / "gateway.log")

@@ -20,6 +20,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeRotaryEmbed
 
 from faasmoe.dispatch.executor import ExpertExecutor
 from faasmoe.errors import CheckpointError
+from faasmoe.model.attention import SequenceSlice, batched_attention
 from faasmoe.model.checkpoint import Checkpoint, is_routed_expert_key
 from faasmoe.model.moe_block import SplitMoeBlock
 
@@ -72,37 +73,32 @@ class Trunk:
         """Runs every sequence's new tokens through the model in one batch of MoE calls per layer.
 
         Returns per sequence the logits [V] of its last new token, or [n_i, V] of all of them.
-        Attention runs per sequence on its own cache; everything else runs on all N tokens at once.
+        Attention attends per sequence over its own cache; everything else runs on all N tokens at once.
         """
         inner = self.model.model
         lengths = [len(s.new_tokens) for s in sequences]
         if any(n == 0 for n in lengths):
             raise ValueError("every sequence in a step needs at least one new token")
         ids = torch.tensor([t for s in sequences for t in s.new_tokens], dtype=torch.long)
-        hidden = inner.embed_tokens(ids)[None]  # [1, N, H]
-        spans, contexts, start = [], [], 0
+        hidden = inner.embed_tokens(ids)  # [N, H]
+        slices, start = [], 0
         for seq, n in zip(sequences, lengths, strict=True):
-            spans.append(slice(start, start + n))
-            contexts.append(self._attention_context(seq, hidden[:, start : start + n]))
+            slices.append(self._slice(seq, slice(start, start + n), hidden))
             start += n
         for layer in inner.layers:
-            residual = hidden
-            normed = layer.input_layernorm(hidden)
-            attention = [
-                layer.self_attn(normed[:, span], past_key_values=seq.cache, **context)[0]
-                for seq, span, context in zip(sequences, spans, contexts, strict=True)
-            ]
-            hidden = residual + torch.cat(attention, dim=1)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = inner.norm(hidden)[0]  # [N, H]
+            hidden = hidden + batched_attention(layer.self_attn, layer.input_layernorm(hidden), slices)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden)[None])[0]
+        hidden = inner.norm(hidden)  # [N, H]
         for seq in sequences:
             seq.new_tokens = []
+        spans = [s.span for s in slices]
         if all_logits:
             return [self.model.lm_head(hidden[span]) for span in spans]
         last = torch.tensor([span.stop - 1 for span in spans])
         return list(self.model.lm_head(hidden[last]))  # B x [V]
 
-    def _attention_context(self, seq: SequenceState, embeds: torch.Tensor) -> dict:
+    def _slice(self, seq: SequenceState, span: slice, hidden: torch.Tensor) -> SequenceSlice:
+        embeds = hidden[None, span]  # [1, n, H]
         positions = torch.arange(seq.length, seq.length + embeds.shape[1])[None]  # [1, n]
         mask = create_causal_mask(
             config=self.config,
@@ -111,11 +107,8 @@ class Trunk:
             past_key_values=seq.cache,
             position_ids=positions,
         )
-        return {
-            "position_embeddings": self.model.model.rotary_emb(embeds, positions),
-            "attention_mask": mask,
-            "position_ids": positions,
-        }
+        cos_sin = self.model.model.rotary_emb(embeds, positions)
+        return SequenceSlice(span=span, cache=seq.cache, position_embeddings=cos_sin, mask=mask, position_ids=positions)
 
 
 def _read_trunk(checkpoint: Checkpoint, trunk_file: Path | None) -> dict[str, torch.Tensor]:

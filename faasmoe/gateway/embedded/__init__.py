@@ -32,6 +32,7 @@ def gateway_command(
     *,
     cold_start_timeout: float | None = None,
     function_command: str | None = None,
+    function_spawn: str | None = None,
     log_dir: Path | None = None,
 ) -> None:
     """What ``faasmoe gateway`` runs: serve the embedded gateway until interrupted.
@@ -47,6 +48,7 @@ def gateway_command(
             basic_auth,
             cold_start_timeout=cold_start_timeout,
             function_command=function_command,
+            function_spawn=function_spawn,
             log_dir=log_dir,
         )
     )

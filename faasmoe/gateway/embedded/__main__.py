@@ -21,6 +21,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--basic-auth", metavar="USER:PASSWORD", help="credentials for /system/*")
     parser.add_argument("--cold-start-timeout", type=float, help="seconds a replica may take to be ready")
     parser.add_argument("--function-command", help="command of a replica, shell-quoted")
+    parser.add_argument(
+        "--function-spawn",
+        choices=["fork", "exec"],
+        help="fork faasmoe's function replicas from a pre-imported runtime, or exec each anew (default fork)",
+    )
     parser.add_argument("--log-dir", type=Path, help="directory of the function logs (default: a temp dir)")
     parser.add_argument("--reaper-interval", type=float, help="seconds between idleness checks")
     parser.add_argument(
@@ -43,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             args.basic_auth,
             cold_start_timeout=args.cold_start_timeout,
             function_command=args.function_command,
+            function_spawn=args.function_spawn,
             log_dir=args.log_dir,
             reaper_interval=args.reaper_interval,
             scale_to_zero=args.scale_to_zero,

@@ -6,6 +6,7 @@ import sys
 
 import psutil
 
+from faasmoe.gateway.embedded.forkserver import ZYGOTE_MODULE
 from faasmoe.process import ServiceProcess
 
 
@@ -20,5 +21,13 @@ class GatewayProcess(ServiceProcess):
                 *self.args]  # fmt: skip
 
     def function_processes(self) -> list[psutil.Process]:
-        """The gateway's descendants: the function replicas it runs."""
-        return self.descendants()
+        """The function replicas the gateway runs: its descendants but the zygote they may be forked from."""
+        return [p for p in self.descendants() if not _is_zygote(p, self.pid)]
+
+
+def _is_zygote(process: psutil.Process, gateway_pid: int) -> bool:
+    # Forked replicas run the zygote's command line too, but are its children, not the gateway's.
+    try:
+        return process.ppid() == gateway_pid and ZYGOTE_MODULE in process.cmdline()
+    except psutil.NoSuchProcess:
+        return False

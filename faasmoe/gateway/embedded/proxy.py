@@ -31,6 +31,8 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _NOT_RETURNED = _HOP_BY_HOP | {"content-encoding", "date", "server"}
+# How long a broken connection waits to learn whether its replica died.
+_DEATH_GRACE_S = 0.5
 
 
 class FunctionProxy:
@@ -75,6 +77,13 @@ class FunctionProxy:
                     continue
                 except httpx.TimeoutException as exc:
                     raise ReplicaUnavailable(f"function {pool.name!r} timed out: {exc!r}") from exc
+                except httpx.TransportError as exc:
+                    # The connection broke: if the process died (killed, crashed), the request died with
+                    # it unanswered; a dying process closes its sockets just before it can be reaped.
+                    if attempt < self.connect_retries and await replica.exits_within(_DEATH_GRACE_S):
+                        pool.report_unreachable(replica)
+                        continue
+                    raise ReplicaUnavailable(f"function {pool.name!r} failed: {exc!r}") from exc
                 except httpx.HTTPError as exc:
                     raise ReplicaUnavailable(f"function {pool.name!r} failed: {exc!r}") from exc
             response = Response(content=upstream.content, status_code=upstream.status_code)

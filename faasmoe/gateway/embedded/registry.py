@@ -44,6 +44,7 @@ class FunctionRegistry:
                 f"function {deployment.service!r} already exists: update it with PUT /system/functions"
             )
         policy = ScalePolicy.for_deployment(deployment, self.settings)
+        self.launcher.prepare(deployment)
         pool = FunctionPool(
             deployment, policy, self.launcher, self.settings.stop_grace_s, self.settings.cold_start_timeout_s
         )
@@ -54,6 +55,7 @@ class FunctionRegistry:
     async def update(self, deployment: FunctionDeployment) -> None:
         pool = self.pool(deployment.service)
         policy = ScalePolicy.for_deployment(deployment, self.settings)
+        self.launcher.prepare(deployment)
         await pool.redeploy(deployment, policy)
         logger.info("function %s updated", deployment.service)
 

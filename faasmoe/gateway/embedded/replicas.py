@@ -13,13 +13,16 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
 from faasmoe.gateway.embedded.errors import ReplicaUnavailable
+from faasmoe.gateway.embedded.forkserver import ForkedProcess, ForkServer
 from faasmoe.gateway.embedded.ports import free_port
-from faasmoe.gateway.embedded.settings import EmbeddedGatewaySettings
+from faasmoe.gateway.embedded.settings import EmbeddedGatewaySettings, default_function_command
 from faasmoe.gateway.schemas import FunctionDeployment
+from faasmoe.parent_death import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +30,6 @@ logger = logging.getLogger(__name__)
 _EXIT_POLL_S = 0.05
 # Log lines quoted in the error when a replica dies before it is ready.
 _LOG_TAIL_LINES = 20
-_PR_SET_PDEATHSIG = 1
 
 
 class ReplicaState(enum.Enum):
@@ -47,7 +49,7 @@ class Replica:
         self.log_path = log_path
         self.state = ReplicaState.STARTING
         self.in_flight = 0
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | ForkedProcess | None = None
         # Set by the pool: the task that spawns this replica and waits until it is ready.
         self.startup: asyncio.Task[None] | None = None
 
@@ -63,11 +65,19 @@ class Replica:
         """True once the process is gone (reaping it, so no zombie is left)."""
         return self.process is not None and self.process.poll() is not None
 
+    async def exits_within(self, seconds: float) -> bool:
+        """True if the process is gone, or goes within ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while not self.has_exited():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_EXIT_POLL_S)
+        return True
+
     def spawn(self, command: list[str], env: dict[str, str]) -> None:
+        """Runs ``command`` as a new process."""
         with self.log_path.open("ab") as log:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"--- {stamp} starting replica on port {self.port}: {shlex.join(command)}\n".encode())
-            log.flush()
+            self._log_start(log, shlex.join(command))
             self.process = subprocess.Popen(
                 command,
                 env=env,
@@ -77,9 +87,21 @@ class Replica:
                 # Own process group: the terminal's Ctrl-C reaches only the gateway, which then
                 # stops replicas in order; stop() signals the whole group (helpers included).
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=die_with_parent if sys.platform == "linux" else None,
             )
         logger.info("function %s: replica pid %d starting on port %d", self.function, self.pid, self.port)
+
+    async def fork(self, server: ForkServer, env: dict[str, str]) -> None:
+        """Forks the replica from the function runtime's zygote."""
+        with self.log_path.open("ab") as log:
+            self._log_start(log, "forked from the function runtime")
+        self.process = await server.spawn(env, self.log_path)
+        logger.info("function %s: replica pid %d forked on port %d", self.function, self.pid, self.port)
+
+    def _log_start(self, log: BinaryIO, how: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        log.write(f"--- {stamp} starting replica on port {self.port}: {how}\n".encode())
+        log.flush()
 
     async def wait_ready(
         self,
@@ -153,21 +175,16 @@ class Replica:
             pass  # already gone
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the gateway dies, so a crashed gateway leaves no replica behind."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class ReplicaLauncher:
     """Creates replicas of deployed functions: picks a port, builds the environment, spawns."""
 
-    def __init__(self, settings: EmbeddedGatewaySettings, http: httpx.AsyncClient, log_dir: Path) -> None:
+    def __init__(
+        self, settings: EmbeddedGatewaySettings, http: httpx.AsyncClient, log_dir: Path, forkserver: ForkServer | None
+    ) -> None:
         self.settings = settings
         self.http = http
         self.log_dir = log_dir
+        self.forkserver = forkserver  # None: every replica is exec'd
 
     def create(self, deployment: FunctionDeployment) -> Replica:
         host = self.settings.function_host
@@ -182,6 +199,17 @@ class ReplicaLauncher:
             return shlex.split(deployment.env_process)
         return list(self.settings.function_command)
 
+    def forks(self, deployment: FunctionDeployment) -> bool:
+        """Whether the replica is faasmoe's function server, which the zygote forks, rather than another process."""
+        default = not deployment.env_process and self.settings.function_command == default_function_command()
+        return default and self.forkserver is not None
+
+    def prepare(self, deployment: FunctionDeployment) -> None:
+        """On deploy: start the zygote now if this function forks, so its first cold start need not import."""
+        if self.forks(deployment):
+            assert self.forkserver is not None
+            self.forkserver.start()
+
     def environment(self, deployment: FunctionDeployment, replica: Replica) -> dict[str, str]:
         # The gateway's environment is inherited (PATH, PYTHONPATH, CUDA_*); the deployment's
         # envVars override it, and the listen address is the gateway's to choose.
@@ -195,7 +223,12 @@ class ReplicaLauncher:
     async def start(self, replica: Replica, deployment: FunctionDeployment, ready_path: str) -> None:
         """Spawn ``replica`` and wait until it is ready; on failure its process is stopped."""
         try:
-            replica.spawn(self.command(deployment), self.environment(deployment, replica))
+            environment = self.environment(deployment, replica)
+            if self.forks(deployment):
+                assert self.forkserver is not None
+                await replica.fork(self.forkserver, environment)
+            else:
+                replica.spawn(self.command(deployment), environment)
             await replica.wait_ready(
                 self.http,
                 ready_path,

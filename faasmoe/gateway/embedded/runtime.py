@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 from starlette.requests import Request
 
+from faasmoe.gateway.embedded.forkserver import ForkServer
 from faasmoe.gateway.embedded.metrics import GatewayMetrics
 from faasmoe.gateway.embedded.proxy import FunctionProxy
 from faasmoe.gateway.embedded.registry import FunctionRegistry
@@ -29,6 +31,7 @@ class GatewayRuntime:
     proxy: FunctionProxy
     metrics: GatewayMetrics
     log_dir: Path
+    forkserver: ForkServer | None = None
     reaper: asyncio.Task[None] | None = None
 
     @classmethod
@@ -46,7 +49,10 @@ class GatewayRuntime:
             # Replicas are on loopback: a proxy from the environment must not intercept them.
             trust_env=False,
         )
-        registry = FunctionRegistry(settings, ReplicaLauncher(settings, http, log_dir))
+        forkserver = None
+        if settings.function_spawn == "fork" and sys.platform == "linux":
+            forkserver = ForkServer(log_dir / "function-runtime.log", settings.cold_start_timeout_s)
+        registry = FunctionRegistry(settings, ReplicaLauncher(settings, http, log_dir, forkserver))
         runtime = cls(
             settings=settings,
             http=http,
@@ -54,6 +60,7 @@ class GatewayRuntime:
             proxy=FunctionProxy(http, settings.upstream_connect_retries),
             metrics=metrics,
             log_dir=log_dir,
+            forkserver=forkserver,
         )
         runtime.reaper = asyncio.create_task(registry.run_reaper())
         logger.info("function logs go to %s", log_dir)
@@ -66,6 +73,8 @@ class GatewayRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.reaper
         await self.registry.close()
+        if self.forkserver is not None:
+            await self.forkserver.close()
         await self.http.aclose()
 
 

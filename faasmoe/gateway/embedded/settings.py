@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,10 +36,13 @@ class EmbeddedGatewaySettings(BaseSettings):
 
     # Function processes.
     function_command: list[str] = Field(default_factory=default_function_command, min_length=1)
+    # fork: faasmoe's function server is forked from a zygote that imported it once (fast, shared memory;
+    # Linux only); exec: every replica starts a new interpreter, as a container would.
+    function_spawn: Literal["fork", "exec"] = "fork"
     function_host: str = Field(default="127.0.0.1", description="where replicas listen")
     ready_path: str = Field(default="/ready", description="unless com.openfaas.ready.http.path says")
     cold_start_timeout_s: float = Field(default=120.0, gt=0, description="spawn until ready")
-    ready_poll_interval_s: float = Field(default=0.1, gt=0)
+    ready_poll_interval_s: float = Field(default=0.05, gt=0)
     ready_probe_timeout_s: float = Field(default=1.0, gt=0)
     stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM until SIGKILL")
     log_dir: Path | None = Field(default=None, description="function logs; None: a new temp dir")
