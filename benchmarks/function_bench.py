@@ -12,7 +12,9 @@ per function; the first function (experts 0-19 of layer 0, 346 MB of bf16) serve
     invocation in this process (same thread count, with the server stopped, so neither steals CPU from
     the other), and a raw-socket echo moving the same bytes between two processes.
 (b) Cold start, split into interpreter start, server listening, imports done and weights loaded (the
-    function's /stats), against a bare `python -c "import torch"`. The shard is in the page cache.
+    function's /stats), against a bare `python -c "import torch"`, for a replica exec'd as a new
+    interpreter (a container) and one forked from the zygote (the embedded gateway's default). The
+    shard is in the page cache.
 Figures are reported, not asserted; the load average is saved with them (this machine may be shared).
 """
 
@@ -35,11 +37,14 @@ from typing import TypeVar
 import httpx
 import torch
 
+from faasmoe.dispatch.remote import LoopThread
 from faasmoe.experts.compute import NO_EXPERT, ExpertBatch
 from faasmoe.experts.shard import load_shard
 from faasmoe.experts.wire import CONTENT_TYPE, encode_batch
 from faasmoe.function.invoke import Invoker
 from faasmoe.function.server import COMPUTE_HEADER
+from faasmoe.gateway.embedded.forkserver import ForkedProcess, ForkServer
+from faasmoe.gateway.embedded.ports import free_port
 from faasmoe.model.init_model import InitModelOptions, init_model
 from faasmoe.planning.export import export
 from faasmoe.planning.plan import FunctionSpec, Plan
@@ -77,16 +82,36 @@ def prepare(work: Path) -> tuple[Path, FunctionSpec]:
     return plan, Plan.load(plan).functions[0]
 
 
-class FunctionServer:
-    """`python -m faasmoe.function` on a free port, stopped with SIGTERM."""
+class BlockingForkServer:
+    """The embedded gateway's fork server, driven from this synchronous script (its loop runs in a thread)."""
 
-    def __init__(self, plan: Path, function: str, threads: int) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.loop = LoopThread()
+        self.server = ForkServer(log_path, startup_timeout_s=120.0)
+
+    def spawn(self, env: dict[str, str]) -> ForkedProcess:
+        return self.loop.submit(self.server.spawn(env, self.log_path)).result()
+
+    def __enter__(self) -> BlockingForkServer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.loop.submit(self.server.close()).result()
+        self.loop.stop()
+
+
+class FunctionServer:
+    """`python -m faasmoe.function` on a free port (or forked by ``forkserver``), stopped with SIGTERM."""
+
+    def __init__(self, plan: Path, function: str, threads: int, forkserver: BlockingForkServer | None = None) -> None:
+        self.port = free_port()
         env = {"FAASMOE_FUNCTION": function, "FAASMOE_WEIGHTS_URI": str(plan), "FAASMOE_PORT": str(self.port)}
         env |= {"FAASMOE_THREADS": str(threads), "FAASMOE_LOG_LEVEL": "warning"}
-        self.process = subprocess.Popen([sys.executable, "-m", "faasmoe.function"], env=os.environ | env)
+        if forkserver is None:
+            self.process = subprocess.Popen([sys.executable, "-m", "faasmoe.function"], env=os.environ | env)
+        else:
+            self.process = forkserver.spawn(os.environ | env)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30.0)
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict:
@@ -216,26 +241,27 @@ def round_trips(plan: Path, function: FunctionSpec, threads: int, iterations: in
 
 
 def cold_starts(plan: Path, function: FunctionSpec, threads: int, runs: int) -> dict:
+    """Replicas exec'd as new interpreters (a container's cold start) and forked from the zygote (the
+    embedded gateway's default)."""
     (plan / function.shard).read_bytes()  # page cache warm, as every start after the first finds it
-    starts = []
-    for _ in range(runs):
-        server = FunctionServer(plan, function.name, threads)
-        try:
-            stats = server.wait_ready()
-        finally:
-            server.stop()
-        starts.append(stats["startup_s"] | {"rss_mib": stats["memory"]["rss"] / 2**20})
-    bare = [timed_command([sys.executable, "-c", "import torch"]) for _ in range(runs)]
-    median = {key: statistics.median(run[key] for run in starts) for key in starts[0]}
-    return {
-        "function": function.name,
-        "experts": len(function.experts),
-        "weights_mb": function.bytes / 1e6,
-        "runs": starts,
-        "median_s": median,
-        "bare_import_torch_s": statistics.median(bare),
-        "ratio_to_bare_import": median["weights_loaded"] / statistics.median(bare),
-    }
+    bare = statistics.median(timed_command([sys.executable, "-c", "import torch"]) for _ in range(runs))
+    with BlockingForkServer(plan / "function-runtime.log") as forkserver:
+        spawners = {"exec": None, "fork": forkserver}
+        starts = {how: [_cold_start(plan, function, threads, by) for _ in range(runs)] for how, by in spawners.items()}
+    result = {"function": function.name, "experts": len(function.experts), "weights_mb": function.bytes / 1e6}
+    for how, runs_of in starts.items():
+        median = {key: statistics.median(run[key] for run in runs_of) for key in runs_of[0]}
+        result[how] = {"runs": runs_of, "median_s": median, "ratio_to_bare_import": median["weights_loaded"] / bare}
+    return result | {"bare_import_torch_s": bare}
+
+
+def _cold_start(plan: Path, function: FunctionSpec, threads: int, forkserver: BlockingForkServer | None) -> dict:
+    server = FunctionServer(plan, function.name, threads, forkserver)
+    try:
+        stats = server.wait_ready()
+    finally:
+        server.stop()
+    return stats["startup_s"] | {"rss_mib": stats["memory"]["rss"] / 2**20}
 
 
 def timed_command(command: list[str]) -> float:
@@ -258,18 +284,21 @@ def table(rows: list[dict], cold: dict) -> str:
         raw, pooled = r["http_client"], r["httpx"]
         cells = [r["in_process"], raw["server"], raw, raw["overhead"], pooled, pooled["overhead"], r["raw_socket"]]
         lines.append(f"| {r['tokens']} | {sizes} | " + " | ".join(pair(c) for c in cells) + " |")
-    m = cold["median_s"]
     lines += [
         "",
         "(round trips: p50 / p99 ms; overhead = round trip - server-side time, per call)",
         "",
         f"cold start of {cold['function']} ({cold['experts']} experts, {cold['weights_mb']:.0f} MB), "
-        f"median of {len(cold['runs'])}, seconds from process start:",
-        f"interpreter {m['python']:.2f} | listening {m['listening']:.2f} | imports {m['imports']:.2f} "
-        f"| weights loaded {m['weights_loaded']:.2f} (load {m['weights_loaded'] - m['imports']:.2f}) "
-        f"| bare import torch {cold['bare_import_torch_s']:.2f} | ratio {cold['ratio_to_bare_import']:.2f} "
-        f"| RSS {m['rss_mib']:.0f} MiB",
+        f"median of {len(cold['exec']['runs'])}, seconds from process start "
+        f"(bare import torch: {cold['bare_import_torch_s']:.2f}):",
     ]
+    for how in ("exec", "fork"):
+        m = cold[how]["median_s"]
+        lines.append(
+            f"{how}: interpreter {m['python']:.2f} | listening {m['listening']:.2f} | imports {m['imports']:.2f} "
+            f"| weights loaded {m['weights_loaded']:.2f} (load {m['weights_loaded'] - m['imports']:.2f}) "
+            f"| ratio to bare import {cold[how]['ratio_to_bare_import']:.2f} | RSS {m['rss_mib']:.0f} MiB"
+        )
     return "\n".join(lines)
 
 

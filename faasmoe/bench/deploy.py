@@ -8,6 +8,7 @@ systems, or always on (scale.min 1, no scale to zero) for the static baseline.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -25,13 +26,20 @@ _POLL_S = 0.2
 
 
 def stack_settings(plan_dir: Path, always_on: bool, bench: BenchSettings) -> StackSettings:
+    threads = bench.function_threads or function_threads(Plan.load(plan_dir), os.cpu_count() or 1)
     return StackSettings(
         weights_uri=str(plan_dir.resolve()),
         scale_min=1 if always_on else 0,
         scale_zero=not always_on,
         zero_duration=f"{round(bench.idle_timeout * 1000)}ms",
-        threads=bench.function_threads,
+        threads=threads,
     )
+
+
+def function_threads(plan: Plan, cores: int) -> int:
+    """The machine's cores divided among the functions that one MoE layer calls at once."""
+    per_layer = max(sum(1 for f in plan.functions if layer in f.layers) for layer in plan.model.moe_layers)
+    return max(1, cores // per_layer)
 
 
 def deploy(gateway_url: str, plan_dir: Path, settings: StackSettings) -> list[str]:

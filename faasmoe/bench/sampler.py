@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from faasmoe.gateway.embedded.process import is_zygote
 from faasmoe.memory import ResidentMemory, resident_memory
 
-ROLES = ("control", "gateway", "function")
+# "runtime" is the embedded gateway's zygote: memory the functions share, not a replica of one.
+ROLES = ("control", "gateway", "runtime", "function")
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class ProcessTreeSampler:
                 if process.status() == psutil.STATUS_ZOMBIE:
                     continue
                 found.append((root.pid, root.role))
-                found += [(child.pid, root.child_role) for child in process.children(recursive=True)]
+                found += [(child.pid, _role(child, root)) for child in process.children(recursive=True)]
             except psutil.Error:
                 continue
         return found
@@ -171,6 +173,10 @@ class ProcessTreeSampler:
         for tracked in [*self._retired, *self._tracked.values()]:
             totals[tracked.role] += tracked.cpu_last - tracked.cpu_at_start
         return dict(totals)
+
+
+def _role(child: psutil.Process, root: ProcessRoot) -> str:
+    return "runtime" if is_zygote(child, root.pid) else root.child_role
 
 
 def _cpu_seconds(process: psutil.Process) -> float:

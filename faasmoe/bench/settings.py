@@ -59,7 +59,7 @@ class BenchSettings(BaseModel):
         default_factory=lambda: [1, 4, 10, 20, 60], min_length=1, description="granularity sweep of faasmoe-*"
     )
     layers_per_function: int = Field(default=1, ge=1, description="consecutive MoE layers per function")
-    idle_timeout: float = Field(default=20.0, gt=0, description="function idle time before scale to zero")
+    idle_timeout: float = Field(default=5.0, gt=0, description="function idle time before scale to zero")
 
     # --- model ----------------------------------------------------------------------------------
     preset: str = Field(default="qwen1.5-bench", description="init-model preset of the random checkpoint")
@@ -85,9 +85,9 @@ class BenchSettings(BaseModel):
     sample_interval: float = Field(default=0.5, gt=0, description="OS memory/CPU sampling period")
     price_per_gb_s: float = Field(default=AWS_LAMBDA_PRICE_PER_GB_S, ge=0)
     threads: int | None = Field(default=None, ge=1, description="torch threads of every server (None: torch's)")
-    # Function replicas share the machine's cores with each other and the control plane: one thread each
-    # keeps them from contending for the same cores (more would pay off with a core per replica).
-    function_threads: int = Field(default=1, ge=1, description="torch threads of every function replica")
+    # Function replicas share the machine's cores with each other and the control plane; None gives each
+    # the cores divided among the functions one MoE layer calls at once (at least 1).
+    function_threads: int | None = Field(default=None, ge=1, description="torch threads of every function replica")
     function_spawn: Literal["fork", "exec"] = Field(
         default="fork", description="replicas forked from the gateway's pre-imported runtime, or exec'd anew"
     )

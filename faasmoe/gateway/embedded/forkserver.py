@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -42,6 +43,10 @@ class ForkedProcess:
     def wait(self, timeout: float | None = None) -> int | None:
         self._exited.wait(timeout)
         return self.returncode
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
 
     def exited(self, returncode: int) -> None:
         self.returncode = returncode

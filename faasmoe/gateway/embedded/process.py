@@ -22,10 +22,11 @@ class GatewayProcess(ServiceProcess):
 
     def function_processes(self) -> list[psutil.Process]:
         """The function replicas the gateway runs: its descendants but the zygote they may be forked from."""
-        return [p for p in self.descendants() if not _is_zygote(p, self.pid)]
+        return [p for p in self.descendants() if not is_zygote(p, self.pid)]
 
 
-def _is_zygote(process: psutil.Process, gateway_pid: int) -> bool:
+def is_zygote(process: psutil.Process, gateway_pid: int) -> bool:
+    """Whether ``process`` is the gateway's function runtime (faasmoe.function.zygote), not a replica."""
     # Forked replicas run the zygote's command line too, but are its children, not the gateway's.
     try:
         return process.ppid() == gateway_pid and ZYGOTE_MODULE in process.cmdline()
