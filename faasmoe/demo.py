@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from faasmoe.gateway.embedded.ports import free_port
+from faasmoe.gateway.embedded.process import GATEWAY_MODULE, is_zygote
+from faasmoe.memory import resident_memory
 from faasmoe.up import GATEWAY_URL_FILE
 
 WORKDIR = Path(".faasmoe")
@@ -99,10 +101,13 @@ def platform_state(up: psutil.Process, gateway_url: str) -> str:
     functions = httpx.get(f"{gateway_url}/system/functions", timeout=10, trust_env=False).json()
     warm = sum(1 for f in functions if f.get("availableReplicas", 0) > 0)
     processes = [up, *up.children(recursive=True)]
-    function_rss = sum(_rss(p) for p in processes if "faasmoe.function" in " ".join(_cmdline(p)))
-    total_rss = sum(_rss(p) for p in processes)
-    return (f"functions warm {warm}/{len(functions)}; memory: all processes {total_rss / 1e9:.2f} GB, "
-            f"of which functions {function_rss / 1e9:.2f} GB")  # fmt: skip
+    gateways = [p for p in processes if GATEWAY_MODULE in _cmdline(p)]
+    runtime = [p for g in gateways for p in g.children() if is_zygote(p, g.pid)]
+    replicas = [p for g in gateways for p in g.children(recursive=True) if p not in runtime]
+    # PSS: forked replicas share the runtime's pages, which RSS would count once per process.
+    total, in_replicas, in_runtime = (sum(_pss(p) for p in group) for group in (processes, replicas, runtime))
+    return (f"functions warm {warm}/{len(functions)}; memory (PSS): all processes {total / 1e9:.2f} GB, of which "
+            f"replicas {in_replicas / 1e9:.2f} GB, their shared runtime {in_runtime / 1e9:.2f} GB")  # fmt: skip
 
 
 def main() -> None:
@@ -156,10 +161,10 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def _rss(process: psutil.Process) -> int:
+def _pss(process: psutil.Process) -> int:
     try:
-        return process.memory_info().rss
-    except psutil.Error:
+        return resident_memory(process.pid).pss
+    except (psutil.Error, OSError):
         return 0
 
 

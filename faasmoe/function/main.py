@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -15,8 +16,19 @@ from faasmoe.function.timeline import Timeline
 EXIT_BAD_SETTINGS = 2
 
 
+def idle_threads_sleep() -> None:
+    """Before torch is imported: OpenMP threads sleep when idle instead of spinning for a while.
+
+    A replica computes in short bursts between requests, on cores it shares with other replicas and
+    the control plane: threads spinning after each burst would take those cores from them. An explicit
+    OMP_WAIT_POLICY in the environment wins.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def run(timeline: Timeline) -> int:
     """The replica's exit code; ``timeline`` was started as early in the process as possible."""
+    idle_threads_sleep()
     try:
         settings = FunctionSettings()
     except ValidationError as exc:

@@ -23,6 +23,7 @@ import sys
 import traceback
 from typing import IO
 
+from faasmoe.function.main import idle_threads_sleep
 from faasmoe.parent_death import die_with_parent
 
 
@@ -127,6 +128,7 @@ def _reply(replies: IO[str], message: dict) -> None:
 def main() -> int:
     # The gateway's death ends the zygote, whose death ends every replica (each has a parent-death signal).
     die_with_parent()
+    idle_threads_sleep()  # read once, when torch loads OpenMP: here, for every replica forked later
     preload()
     replies = sys.stdout
     sys.stdout = sys.stderr  # anything else printed goes to the log, not into the protocol

@@ -9,6 +9,8 @@ import psutil
 from faasmoe.gateway.embedded.forkserver import ZYGOTE_MODULE
 from faasmoe.process import ServiceProcess
 
+GATEWAY_MODULE = "faasmoe.gateway.embedded"
+
 
 class GatewayProcess(ServiceProcess):
     """``with GatewayProcess(...) as gateway:``; ``gateway.url`` is its base URL."""
@@ -17,7 +19,7 @@ class GatewayProcess(ServiceProcess):
     health_path = "/healthz"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "faasmoe.gateway.embedded", "--host", self.host, "--port", str(self.port),
+        return [sys.executable, "-m", GATEWAY_MODULE, "--host", self.host, "--port", str(self.port),
                 *self.args]  # fmt: skip
 
     def function_processes(self) -> list[psutil.Process]:
