@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from faasmoe.bench.sampler import ProcessRoot, ProcessTreeSampler
 from faasmoe.gateway.embedded.forkserver import ZYGOTE_MODULE
 from faasmoe.gateway.embedded.process import GatewayProcess
 from faasmoe.model.generate import generate
@@ -72,6 +73,10 @@ def test_replicas_are_forked_from_one_zygote(tiny_fp32, plan_dir, expected, tmp_
         assert len(replicas) == 6
         assert {p.ppid() for p in replicas} == {zygote.pid}
         assert len({p.pid for p in replicas}) == 6
+        # The benchmark counts the zygote's memory in its own role, and not as a replica.
+        sample = ProcessTreeSampler([ProcessRoot(gateway.pid, "gateway", "function")]).sample()
+        assert sample.role("runtime").processes == 1 and sample.role("function").processes == 6
+        assert sample.role("runtime").pss > 0
         # Each replica loaded its own shard after the fork: its log says so.
         for log in sorted((tmp_path / "logs").glob("moe-*.log")):
             assert "forked from the function runtime" in log.read_text()
