@@ -5,11 +5,11 @@ from __future__ import annotations
 import enum
 import tempfile
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from faasmoe.bench.distributions import LengthDistribution
+from faasmoe.gateway.embedded.settings import FunctionSpawn
 
 # AWS Lambda's public on-demand price (x86, us-east-1, first tier), per GB-second of configured memory.
 AWS_LAMBDA_PRICE_PER_GB_S = 0.0000166667
@@ -88,7 +88,7 @@ class BenchSettings(BaseModel):
     # Function replicas share the machine's cores with each other and the control plane; None gives each
     # the cores divided among the functions one MoE layer calls at once (at least 1).
     function_threads: int | None = Field(default=None, ge=1, description="torch threads of every function replica")
-    function_spawn: Literal["fork", "exec"] = Field(
+    function_spawn: FunctionSpawn = Field(
         default="fork", description="replicas forked from the gateway's pre-imported runtime, or exec'd anew"
     )
     startup_timeout: float = Field(default=600.0, gt=0, description="per system, until every server is ready")

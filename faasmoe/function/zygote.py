@@ -62,8 +62,7 @@ def serve(requests: int, replies: IO[str]) -> None:
         for line in lines:
             try:
                 request = json.loads(line)
-                replies.flush()
-                pid = os.fork()
+                pid = os.fork()  # nothing is left in ``replies``' buffer to be written twice: _reply flushes
             except (ValueError, OSError) as exc:
                 _reply(replies, {"error": f"{type(exc).__name__}: {exc}"})
                 continue

@@ -147,10 +147,7 @@ class Replica:
             return
         if not self.has_exited():
             self._signal_group(signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            while not self.has_exited() and time.monotonic() < deadline:
-                await asyncio.sleep(_EXIT_POLL_S)
-        if not self.has_exited():
+        if not await self.exits_within(grace_s):
             logger.warning("function %s: replica pid %d ignored SIGTERM; killing", self.function, self.pid)
             self._signal_group(signal.SIGKILL)
             await asyncio.to_thread(self.process.wait)
@@ -199,16 +196,15 @@ class ReplicaLauncher:
             return shlex.split(deployment.env_process)
         return list(self.settings.function_command)
 
-    def forks(self, deployment: FunctionDeployment) -> bool:
-        """Whether the replica is faasmoe's function server, which the zygote forks, rather than another process."""
+    def forkserver_for(self, deployment: FunctionDeployment) -> ForkServer | None:
+        """The zygote that forks this function's replicas: faasmoe's function server only, and only in fork mode."""
         default = not deployment.env_process and self.settings.function_command == default_function_command()
-        return default and self.forkserver is not None
+        return self.forkserver if default else None
 
     def prepare(self, deployment: FunctionDeployment) -> None:
         """On deploy: start the zygote now if this function forks, so its first cold start need not import."""
-        if self.forks(deployment):
-            assert self.forkserver is not None
-            self.forkserver.start()
+        if (forkserver := self.forkserver_for(deployment)) is not None:
+            forkserver.start()
 
     def environment(self, deployment: FunctionDeployment, replica: Replica) -> dict[str, str]:
         # The gateway's environment is inherited (PATH, PYTHONPATH, CUDA_*); the deployment's
@@ -224,9 +220,8 @@ class ReplicaLauncher:
         """Spawn ``replica`` and wait until it is ready; on failure its process is stopped."""
         try:
             environment = self.environment(deployment, replica)
-            if self.forks(deployment):
-                assert self.forkserver is not None
-                await replica.fork(self.forkserver, environment)
+            if (forkserver := self.forkserver_for(deployment)) is not None:
+                await replica.fork(forkserver, environment)
             else:
                 replica.spawn(self.command(deployment), environment)
             await replica.wait_ready(

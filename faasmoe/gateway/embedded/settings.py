@@ -12,6 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from faasmoe.gateway.embedded.errors import InsecureBindError
 
+# fork: faasmoe's function server is forked from a zygote that imported it once (fast, shared memory;
+# Linux only); exec: every replica starts a new interpreter, as a container would.
+FunctionSpawn = Literal["fork", "exec"]
+
 
 def default_function_command() -> list[str]:
     """The faasmoe function server, run by the gateway's own interpreter."""
@@ -36,9 +40,7 @@ class EmbeddedGatewaySettings(BaseSettings):
 
     # Function processes.
     function_command: list[str] = Field(default_factory=default_function_command, min_length=1)
-    # fork: faasmoe's function server is forked from a zygote that imported it once (fast, shared memory;
-    # Linux only); exec: every replica starts a new interpreter, as a container would.
-    function_spawn: Literal["fork", "exec"] = "fork"
+    function_spawn: FunctionSpawn = "fork"
     function_host: str = Field(default="127.0.0.1", description="where replicas listen")
     ready_path: str = Field(default="/ready", description="unless com.openfaas.ready.http.path says")
     cold_start_timeout_s: float = Field(default=120.0, gt=0, description="spawn until ready")
