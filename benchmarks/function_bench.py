@@ -88,7 +88,7 @@ class BlockingForkServer:
     def __init__(self, log_path: Path) -> None:
         self.log_path = log_path
         self.loop = LoopThread()
-        self.server = ForkServer(log_path, startup_timeout_s=120.0)
+        self.server = ForkServer(log_path, startup_timeout_s=120.0, env=dict(os.environ))
 
     def spawn(self, env: dict[str, str]) -> ForkedProcess:
         return self.loop.submit(self.server.spawn(env, self.log_path)).result()

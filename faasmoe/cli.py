@@ -17,6 +17,20 @@ app = typer.Typer(
 )
 
 
+# They run until stopped: SIGTERM (systemd, Docker, Kubernetes, `kill`) ends them as Ctrl-C does, their
+# children stopped and in-flight requests drained. Other commands keep Python's default: a killed
+# `faasmoe export` must not look successful.
+LONG_RUNNING_COMMANDS = frozenset({"gateway", "serve", "up"})
+
+
+@app.callback()
+def _main(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand in LONG_RUNNING_COMMANDS:
+        from faasmoe.process import exit_on_sigterm
+
+        exit_on_sigterm()
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -211,20 +225,61 @@ def _stack_settings(**given):
 
 @app.command("gateway")
 def gateway_command(
-    host: Annotated[str, typer.Option(help="listen address (loopback only without --basic-auth)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="listen port")] = 8080,
+    host: Annotated[
+        str | None, typer.Option(help="listen address (default 127.0.0.1; loopback only without --basic-auth)")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="listen port (default 8080)")] = None,
     idle_timeout: Annotated[float | None, typer.Option(help="seconds idle before scale to zero (default 300)")] = None,
-    basic_auth: Annotated[str | None, typer.Option(help="USER:PASSWORD required on /system/*")] = None,
+    basic_auth: Annotated[
+        str | None,
+        typer.Option(help="USER:PASSWORD required on /system/* (or FAASMOE_GATEWAY_BASIC_AUTH_USER/_PASSWORD)"),
+    ] = None,
+    cold_start_timeout: Annotated[float | None, typer.Option(help="seconds a replica may take to be ready")] = None,
+    function_command: Annotated[str | None, typer.Option(help="command of a replica, shell-quoted")] = None,
     function_spawn: Annotated[
         str | None, typer.Option(help="fork replicas from a pre-imported runtime, or exec each anew (default fork)")
     ] = None,
+    log_dir: Annotated[Path | None, typer.Option(help="directory of the function logs (default: a temp dir)")] = None,
+    reaper_interval: Annotated[float | None, typer.Option(help="seconds between idleness checks")] = None,
+    scale_to_zero: Annotated[
+        bool | None, typer.Option(help="default for functions without the com.openfaas.scale.zero label (default on)")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, ...")] = None,
+    allow_env_process: Annotated[
+        bool,
+        typer.Option("--allow-env-process", help="run a deployment's envProcess command and any envVars (needs auth)"),
+    ] = False,
+    allow_env_var: Annotated[
+        list[str] | None,
+        typer.Option(help="envVars name (fnmatch pattern) deployments may set beyond FAASMOE_* and thread counts"),
+    ] = None,
+    max_body_bytes: Annotated[
+        int | None, typer.Option(help="larger invocation bodies get 413 (default 64 MiB)")
+    ] = None,
 ) -> None:
     """Run the embedded OpenFaaS-compatible gateway: each function a local process, scaled to and from zero."""
-    from faasmoe.errors import FaasmoeError
-    from faasmoe.gateway.embedded import gateway_command as run
+    import shlex
 
+    from pydantic import SecretStr, ValidationError
+
+    from faasmoe.errors import FaasmoeError
+    from faasmoe.gateway.client import parse_basic_auth
+    from faasmoe.gateway.embedded import EmbeddedGatewaySettings, run_gateway
+
+    given = dict(host=host, port=port, idle_timeout_s=idle_timeout, cold_start_timeout_s=cold_start_timeout,
+                 function_spawn=function_spawn, log_dir=log_dir, reaper_interval_s=reaper_interval,
+                 scale_to_zero_default=scale_to_zero, log_level=log_level, allow_env_vars=allow_env_var,
+                 max_body_bytes=max_body_bytes, allow_env_process=allow_env_process or None)  # fmt: skip
     try:
-        run(host, port, idle_timeout, basic_auth, function_spawn=function_spawn)
+        if function_command is not None:
+            given["function_command"] = shlex.split(function_command)
+        if basic_auth is not None:
+            user, password = parse_basic_auth(basic_auth)
+            given |= {"basic_auth_user": user, "basic_auth_password": SecretStr(password)}
+        # Options not given keep the FAASMOE_GATEWAY_* variable or the default.
+        run_gateway(EmbeddedGatewaySettings(**{key: value for key, value in given.items() if value is not None}))
+    except ValidationError as exc:
+        _fail(f"bad settings:\n{exc}")
     except (FaasmoeError, ValueError) as exc:
         _fail(str(exc))
 
@@ -241,6 +296,22 @@ def serve_command(
     mode: Annotated[str | None, typer.Option(help="shared (one control plane) or private (one per tenant)")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="model id in /v1/models (default: folder name)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    metrics_key: Annotated[
+        str | None, typer.Option(help="Bearer key opening /metrics (or FAASMOE_SERVE_METRICS_KEY; default: off)")
+    ] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(help="larger request bodies get 413 (default 4 MiB)")] = None,
+    reconcile: Annotated[
+        bool | None, typer.Option(help="deploy the plan's missing functions, update changed ones (default off)")
+    ] = None,
+    reconcile_interval: Annotated[float | None, typer.Option(help="seconds between reconciling (default 5)")] = None,
+    function_image: Annotated[str | None, typer.Option(help="reconcile: the expert-group function image")] = None,
+    function_weights_uri: Annotated[
+        str | None, typer.Option(help="reconcile: the plan directory as functions see it (default: --plan)")
+    ] = None,
+    function_threads: Annotated[int | None, typer.Option(help="reconcile: torch threads (default: --threads)")] = None,
+    function_zero_duration: Annotated[
+        str | None, typer.Option(help="reconcile: idle time before scale to zero, e.g. 5m")
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible multi-tenant API (options also from FAASMOE_SERVE_* variables)."""
     from pydantic import ValidationError
@@ -249,8 +320,13 @@ def serve_command(
     from faasmoe.server.serve import serve
     from faasmoe.server.settings import ServeSettings
 
+    functions = dict(image=function_image, weights_uri=function_weights_uri, threads=function_threads,
+                     zero_duration=function_zero_duration)  # fmt: skip
     given = dict(model=model, plan=plan, tenants=tenants, gateway=gateway, gateway_basic_auth=gateway_basic_auth,
-                 host=host, port=port, mode=mode, served_model_name=served_model_name, threads=threads)  # fmt: skip
+                 host=host, port=port, mode=mode, served_model_name=served_model_name, threads=threads,
+                 reconcile=reconcile, reconcile_interval_s=reconcile_interval,
+                 functions={key: value for key, value in functions.items() if value is not None} or None)  # fmt: skip
+    given |= dict(metrics_key=metrics_key, max_body_bytes=max_body_bytes)
     try:
         settings = ServeSettings(**{key: value for key, value in given.items() if value is not None})
         serve(settings)
@@ -271,7 +347,7 @@ def up_command(
     idle_timeout: Annotated[str, typer.Option(help="functions scale to zero after this long idle")] = "60s",
     workdir: Annotated[Path, typer.Option(help="models, plans, tenants and logs")] = Path(".faasmoe"),
 ) -> None:
-    """The whole platform on this machine: embedded gateway, functions, control plane. Ctrl-C stops it all."""
+    """The whole platform on this machine: embedded gateway, functions, control plane. Ctrl-C or SIGTERM stops all."""
     from pydantic import ValidationError
 
     from faasmoe.errors import FaasmoeError

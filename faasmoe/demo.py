@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +18,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from faasmoe.gateway.embedded.ports import free_port
-from faasmoe.gateway.embedded.process import GATEWAY_MODULE, is_zygote
+from faasmoe.gateway.embedded.process import is_gateway, is_zygote
 from faasmoe.memory import resident_memory
-from faasmoe.up import GATEWAY_URL_FILE
+from faasmoe.up import UpProcess
 
 WORKDIR = Path(".faasmoe")
 IDLE_TIMEOUT_S = 8
-STARTUP_TIMEOUT_S = 900  # the first run builds the model
 PROMPTS = {
     "alpha": "Explain what a cold start is.",
     "beta": "Write a haiku about experts.",
@@ -97,68 +91,35 @@ def show_round(title: str, results: list[Result]) -> None:
     console.print(table)
 
 
-def platform_state(up: psutil.Process, gateway_url: str) -> str:
-    functions = httpx.get(f"{gateway_url}/system/functions", timeout=10, trust_env=False).json()
-    warm = sum(1 for f in functions if f.get("availableReplicas", 0) > 0)
+def platform_state(up: psutil.Process) -> str:
+    """Replicas and memory, read from the processes: the gateway's /system API is the control plane's alone."""
     processes = [up, *up.children(recursive=True)]
-    gateways = [p for p in processes if GATEWAY_MODULE in _cmdline(p)]
+    gateways = [p for p in processes if is_gateway(p)]
     runtime = [p for g in gateways for p in g.children() if is_zygote(p, g.pid)]
     replicas = [p for g in gateways for p in g.children(recursive=True) if p not in runtime]
     # PSS: forked replicas share the runtime's pages, which RSS would count once per process.
     total, in_replicas, in_runtime = (sum(_pss(p) for p in group) for group in (processes, replicas, runtime))
-    return (f"functions warm {warm}/{len(functions)}; memory (PSS): all processes {total / 1e9:.2f} GB, of which "
-            f"replicas {in_replicas / 1e9:.2f} GB, their shared runtime {in_runtime / 1e9:.2f} GB")  # fmt: skip
+    return (f"function replicas running {len(replicas)}; memory (PSS): all processes {total / 1e9:.2f} GB, of "
+            f"which replicas {in_replicas / 1e9:.2f} GB, their shared runtime {in_runtime / 1e9:.2f} GB")  # fmt: skip
 
 
 def main() -> None:
-    port = free_port("127.0.0.1")
-    command = [sys.executable, "-m", "faasmoe.cli", "up", "--port", str(port), "--workdir", str(WORKDIR),
-               "--idle-timeout", f"{IDLE_TIMEOUT_S}s"]  # fmt: skip
     console.rule("faasmoe demo: 3 tenants, one shared pool of expert functions")
     WORKDIR.mkdir(exist_ok=True)
     console.print(f"starting `faasmoe up` (log: {WORKDIR / UP_LOG}); the first run builds the model")
-    with (WORKDIR / UP_LOG).open("ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    up = psutil.Process(process.pid)
-    try:
-        base_url = f"http://127.0.0.1:{port}"
-        _wait_ready(base_url, process)
-        console.print(f"control plane {base_url}/v1  (OpenAI-compatible; keys in {WORKDIR / 'tenants.yaml'})")
+    args = ["--workdir", str(WORKDIR), "--idle-timeout", f"{IDLE_TIMEOUT_S}s"]
+    # Leaving the block stops `faasmoe up` with SIGTERM, which stops everything it started.
+    with UpProcess(args=args, log_path=WORKDIR / UP_LOG) as process:
+        up = psutil.Process(process.pid)
+        console.print(f"control plane {process.url}/v1  (OpenAI-compatible; keys in {WORKDIR / 'tenants.yaml'})")
         keys = {t["name"]: t["api_keys"][0] for t in yaml.safe_load((WORKDIR / "tenants.yaml").read_text())["tenants"]}
-        gateway_url = (WORKDIR / GATEWAY_URL_FILE).read_text().strip()
-        console.print(platform_state(up, gateway_url))
-        show_round("round 1: functions start cold", asyncio.run(round_of_requests(base_url, keys)))
-        console.print(platform_state(up, gateway_url))
-        show_round("round 2: functions warm", asyncio.run(round_of_requests(base_url, keys)))
+        console.print(platform_state(up))
+        show_round("round 1: functions start cold", asyncio.run(round_of_requests(process.url, keys)))
+        console.print(platform_state(up))
+        show_round("round 2: functions warm", asyncio.run(round_of_requests(process.url, keys)))
         console.print(f"idle for {IDLE_TIMEOUT_S + 4} s: functions scale to zero ...")
         time.sleep(IDLE_TIMEOUT_S + 4)
-        console.print(platform_state(up, gateway_url))
-    finally:
-        _stop(process)
-
-
-def _wait_ready(base_url: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"faasmoe up exited with code {process.returncode}")
-        try:
-            if httpx.get(f"{base_url}/ready", timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("faasmoe up did not become ready in time")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)  # what Ctrl-C does: a clean shutdown of everything
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        console.print(platform_state(up))
 
 
 def _pss(process: psutil.Process) -> int:
@@ -166,13 +127,6 @@ def _pss(process: psutil.Process) -> int:
         return resident_memory(process.pid).pss
     except (psutil.Error, OSError):
         return 0
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:
-        return []
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ class PlanError(FaasmoeError):
 
 
 class ShardError(FaasmoeError):
-    """A function's weight shard is missing, malformed or lacks an expert."""
+    """A plan's weight file (a function's shard, the trunk) is missing, corrupt, malformed or lacks an expert."""
 
 
 class BadRequest(FaasmoeError):

@@ -1,31 +1,150 @@
-"""A faasmoe service (gateway, control plane) as a child process that is always stopped, descendants too.
+"""The process toolkit: pick a port, start a service, wait until it is healthy, stop it and its descendants.
 
-For tests, benchmarks and tools that need a real server on a real port and must never leave it, or
-the processes it started, running behind them.
+Every service faasmoe starts as a child (the gateway under `faasmoe up`, servers under tests and
+benchmarks) runs in its own session, so a terminal's Ctrl-C reaches only its parent, which stops it
+in order, and with the parent-death signal, so that even a parent killed with SIGKILL leaves nothing
+running. `ServiceProcess` puts these together as a context manager.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
 import httpx
 import psutil
 
 from faasmoe.errors import FaasmoeError
-from faasmoe.gateway.embedded.ports import free_port
+from faasmoe.parent_death import die_with_parent
 
-_HEALTH_POLL_S = 0.05
-_LOG_TAIL_CHARS = 4000
+_POLL_S = 0.05
+_LOG_TAIL_LINES = 40
+# After the process itself exited, its descendants get this long to follow it (they have the
+# parent-death signal, or it stops them) before they are killed.
+_FOLLOW_S = 10.0
 
 
 class ServiceStartError(FaasmoeError):
     """A service process exited, or did not answer its health path in time."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now; the OS picks it so parallel callers rarely collide."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (systemd, Docker, Kubernetes, `kill`) ends this process as a normal exit (code 0).
+
+    Python's default is to die on the spot, so ``finally`` blocks and context managers never run and
+    the services this process started are left behind. uvicorn keeps the handler: it catches SIGTERM
+    for its graceful shutdown (in-flight requests drain), then re-raises it to the handler found.
+    Call from the main thread of a command that runs until it is stopped.
+    """
+    signal.signal(signal.SIGTERM, _exit_normally)
+
+
+def _exit_normally(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise SystemExit(0)
+
+
+def spawn(command: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``command`` in its own session, its output appended to ``log_path``, stdin closed.
+
+    Started from the main thread it gets the parent-death signal (SIGTERM). Linux binds that signal to
+    the thread that forks, not the process, so a child started from another thread, which may end
+    first, goes without it: start services from the main thread and wait for them anywhere.
+    """
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent if on_main_thread and sys.platform == "linux" else None,
+        )
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, interval_s: float = _POLL_S) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)
+    return True
+
+
+def answers_200(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        return httpx.get(url, timeout=timeout_s, trust_env=False).status_code == httpx.codes.OK
+    except httpx.HTTPError:
+        return False
+
+
+def stop_tree(process: subprocess.Popen[bytes], timeout_s: float) -> list[psutil.Process]:
+    """SIGTERM ``process`` (SIGKILL after ``timeout_s``), then wait for its descendants to follow.
+
+    Returns the descendants still running ``_FOLLOW_S`` after the process exited, which it then
+    killed: an empty list means the process shut down cleanly, children included.
+    """
+    descendants = descendants_of(process.pid)
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    wait_until(lambda: not any(running(p) for p in descendants), _FOLLOW_S)
+    leftovers = [p for p in descendants if running(p)]
+    for orphan in leftovers:
+        try:
+            orphan.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return leftovers
+
+
+def descendants_of(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def running(process: psutil.Process) -> bool:
+    """Alive and not a zombie (a zombie is dead, only not yet reaped)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log ("" if it cannot be read)."""
+    try:
+        with path.open("rb") as log:
+            return b"".join(deque(log, maxlen=lines)).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 class ServiceProcess:
@@ -71,60 +190,39 @@ class ServiceProcess:
 
     def start(self) -> None:
         """Start the process and return once its health path answers 200; raise ServiceStartError otherwise."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env
-            )
+        self.spawn()
+        self.wait_healthy()
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (from the main thread: see `spawn`)."""
+        self.process = spawn(self.command(), self.log_path, self.env)
+
+    def wait_healthy(self) -> None:
+        """Return once the health path answers 200; stop the process and raise ServiceStartError otherwise."""
+        process = self.process
+        assert process is not None, f"{self.name} not started"
         deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServiceStartError(f"{self.name} exited with code {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + self.health_path, timeout=1.0, trust_env=False).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(_HEALTH_POLL_S)
+        while process.poll() is None and time.monotonic() < deadline:
+            if answers_200(self.url + self.health_path):
+                return
+            time.sleep(_POLL_S)
+        exited = process.poll() is not None
         self.stop()
+        if exited:
+            raise ServiceStartError(f"{self.name} exited with code {process.returncode}:\n{self.log_tail()}")
         raise ServiceStartError(f"{self.name} not healthy within {self.startup_timeout_s:g} s:\n{self.log_tail()}")
 
     def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
+        return descendants_of(self.pid)
 
     def stop(self) -> list[psutil.Process]:
-        """SIGTERM the process (which stops its own children), SIGKILL on timeout.
-
-        Returns the descendants it left running, which this method then killed: an empty list means
-        the process shut down cleanly.
-        """
+        """Stop the process and its descendants (see `stop_tree`); returns those that had to be killed."""
         if self.process is None:
             return []
-        descendants = self.descendants()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        leftovers = [p for p in descendants if _running(p)]
-        for orphan in leftovers:
-            try:
-                orphan.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(leftovers, timeout=self.stop_timeout_s)
-        return leftovers
+        return stop_tree(self.process, self.stop_timeout_s)
 
     def log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-_LOG_TAIL_CHARS:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path)
 
     def __enter__(self):  # -> Self
         try:
@@ -147,10 +245,3 @@ def _new_log_file(name: str) -> Path:
     descriptor, path = tempfile.mkstemp(prefix=f"faasmoe-{name}-", suffix=".log")
     os.close(descriptor)
     return Path(path)
-
-
-def _running(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

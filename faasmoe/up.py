@@ -1,30 +1,38 @@
 """`faasmoe up`: the whole platform on one machine, in one command.
 
-embedded gateway (functions as local processes) -> plan exported and deployed -> control plane serving
-the tenants. Ctrl-C stops the control plane, then the gateway and every function process.
+embedded gateway (functions as local processes) -> plan exported -> control plane serving the tenants,
+which deploys the plan's functions and keeps them deployed (server/reconciler.py). The gateway's
+/system API gets generated credentials, which only the control plane is told. Ctrl-C or SIGTERM
+stops the control plane, then the gateway and every function process.
 """
 
 from __future__ import annotations
 
-import asyncio
+import os
 import secrets
+import sys
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, Field
 from rich.console import Console
 
-from faasmoe.gateway.client import GatewayClient, GatewaySettings
 from faasmoe.gateway.embedded.process import GatewayProcess
 from faasmoe.model.init_model import InitModelOptions, init_model
-from faasmoe.planning.deploy import deploy_plan
 from faasmoe.planning.export import export
-from faasmoe.planning.plan import PLAN_FILE, Plan
+from faasmoe.planning.plan import PLAN_FILE
 from faasmoe.planning.stack import StackSettings
+from faasmoe.process import ServiceProcess
 
 DEMO_TENANTS = ("alpha", "beta", "gamma")
 TENANTS_FILE = "tenants.yaml"
-GATEWAY_URL_FILE = "gateway.url"  # where tools (the demo) find the gateway
+GATEWAY_URL_FILE = "gateway.url"  # where tools find the gateway (/function/*; /system/* is the control plane's)
+GATEWAY_USER = "faasmoe"
+# The gateway reads its credentials from these variables: never from argv, which `ps` shows to every user.
+GATEWAY_USER_VARIABLE = "FAASMOE_GATEWAY_BASIC_AUTH_USER"
+GATEWAY_PASSWORD_VARIABLE = "FAASMOE_GATEWAY_BASIC_AUTH_PASSWORD"
+# `faasmoe up` builds the model on its first run: minutes.
+UP_STARTUP_TIMEOUT_S = 900.0
 
 
 class UpSettings(BaseModel):
@@ -41,6 +49,9 @@ class UpSettings(BaseModel):
 
 
 def up(settings: UpSettings, console: Console | None = None) -> None:
+    import torch
+    from pydantic import SecretStr
+
     from faasmoe.server.serve import serve
     from faasmoe.server.settings import ServeSettings
 
@@ -50,16 +61,37 @@ def up(settings: UpSettings, console: Console | None = None) -> None:
     plan_dir = _plan(model_dir, settings, console)
     tenants = settings.tenants or _demo_tenants(settings.workdir / TENANTS_FILE)
     gateway_log = settings.workdir / "gateway.log"
-    with GatewayProcess(host="127.0.0.1", port=settings.gateway_port, log_path=gateway_log) as gateway:
-        with console.status("deploying functions"):
-            asyncio.run(_deploy(Plan.load(plan_dir), plan_dir, gateway.url, settings.idle_timeout))
+    password = secrets.token_urlsafe(32)
+    credentials = {GATEWAY_USER_VARIABLE: GATEWAY_USER, GATEWAY_PASSWORD_VARIABLE: password}
+    with GatewayProcess(port=settings.gateway_port, env=os.environ | credentials, log_path=gateway_log) as gateway:
         (settings.workdir / GATEWAY_URL_FILE).write_text(gateway.url + "\n")
-        console.print(f"gateway  {gateway.url}  (function logs: {gateway_log})")
+        console.print(f"gateway  {gateway.url}  (function logs: {gateway_log}; /system credentials: the control "
+                      "plane's only)")  # fmt: skip
         console.print(f"endpoint http://{settings.host}:{settings.port}/v1  tenants: {tenants}")
         for tenant in yaml.safe_load(tenants.read_text())["tenants"]:
             console.print(f"  tenant {tenant['name']:<8} key {tenant['api_keys'][0]}")
+        # The functions use the control plane's thread count, so results match in-process ones bit for bit.
+        functions = StackSettings(weights_uri=str(plan_dir), threads=torch.get_num_threads(),
+                                  zero_duration=settings.idle_timeout)  # fmt: skip
         serve(ServeSettings(model=model_dir, plan=plan_dir, gateway=gateway.url, tenants=tenants,
-                            host=settings.host, port=settings.port))  # fmt: skip
+                            gateway_basic_auth=SecretStr(f"{GATEWAY_USER}:{password}"), reconcile=True,
+                            functions=functions, host=settings.host, port=settings.port))  # fmt: skip
+
+
+class UpProcess(ServiceProcess):
+    """`faasmoe up` as a child process, ready once the control plane's /ready answers (demo, tests)."""
+
+    name = "up"
+    health_path = "/ready"
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("startup_timeout_s", UP_STARTUP_TIMEOUT_S)
+        kwargs.setdefault("stop_timeout_s", 60.0)  # the control plane drains, then the gateway stops its functions
+        super().__init__(**kwargs)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "faasmoe.cli", "up", "--host", self.host, "--port", str(self.port),
+                *self.args]  # fmt: skip
 
 
 def _default_model(settings: UpSettings, console: Console) -> Path:
@@ -77,15 +109,6 @@ def _plan(model_dir: Path, settings: UpSettings, console: Console) -> Path:
         with console.status("exporting expert shards"):
             export(model_dir, plan_dir, settings.experts_per_function, settings.layers_per_function)
     return plan_dir.resolve()
-
-
-async def _deploy(plan: Plan, plan_dir: Path, gateway_url: str, idle_timeout: str) -> None:
-    import torch
-
-    # The functions use the control plane's thread count, so results match in-process ones bit for bit.
-    stack = StackSettings(weights_uri=str(plan_dir), threads=torch.get_num_threads(), zero_duration=idle_timeout)
-    async with GatewayClient(GatewaySettings(base_url=gateway_url)) as client:
-        await deploy_plan(plan, client, stack)
 
 
 def _demo_tenants(path: Path) -> Path:

@@ -16,6 +16,7 @@ from faasmoe.model.checkpoint import INDEX_FILE, Checkpoint
 from faasmoe.model.generate import generate
 from faasmoe.model.sampling import SamplingParams
 from faasmoe.model.split_model import SplitModel
+from faasmoe.planning.digest import file_sha256
 from faasmoe.planning.export import export
 from faasmoe.planning.plan import ModelShape, Plan
 from faasmoe.planning.stack import qwen15_shape
@@ -73,6 +74,8 @@ def test_shard_missing_an_expert_is_named(tiny_fp32, tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys() if ".experts.5." not in k}
         metadata = f.metadata()
     save_file(tensors, str(shard), metadata=metadata)
+    function.sha256 = file_sha256(shard)  # the plan recorded this very file: its digest holds, its content does not
+    plan.save(tmp_path / "plan")
     with pytest.raises(ShardError, match=f"{function.name}.*lacks expert 5 of layer 0"):
         SplitModel.load(tiny_fp32, tmp_path / "plan", local_executor)
 

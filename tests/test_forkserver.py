@@ -6,20 +6,27 @@ The embedded gateway forks faasmoe's function replicas from one process that imp
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
 from faasmoe.bench.sampler import ProcessRoot, ProcessTreeSampler
+from faasmoe.gateway.client import GatewayClient, GatewaySettings
 from faasmoe.gateway.embedded.forkserver import ZYGOTE_MODULE
 from faasmoe.gateway.embedded.process import GatewayProcess
 from faasmoe.model.generate import generate
 from faasmoe.model.sampling import SamplingParams
+from faasmoe.planning.deploy import deploy_plan
 from faasmoe.planning.export import export
+from faasmoe.planning.plan import Plan
+from faasmoe.planning.stack import StackSettings
+from tests.conftest import TEST_THREADS
 from tests.reference import load_reference, reference_greedy
 from tests.test_remote_e2e import PROMPTS, deploy, remote_model
 
@@ -108,3 +115,52 @@ def test_exec_spawn_runs_every_replica_as_a_new_interpreter(tiny_fp32, plan_dir,
         replicas = gateway.function_processes()
         assert len(replicas) == 6
         assert {p.ppid() for p in replicas} == {gateway.pid}
+
+
+GATEWAY_SECRET = "forkserver-secret-91c2"
+
+
+def deploy_with_auth(gateway: GatewayProcess, plan_dir: Path, auth: tuple[str, str]) -> list[str]:
+    settings = StackSettings(weights_uri=str(plan_dir), threads=TEST_THREADS)
+
+    async def go() -> list[str]:
+        client_settings = GatewaySettings(base_url=gateway.url, username=auth[0], password=auth[1], trust_env=False)
+        async with GatewayClient(client_settings) as client:
+            return await deploy_plan(Plan.load(plan_dir), client, settings)
+
+    return asyncio.run(go())
+
+
+def test_forked_replicas_and_their_zygote_hold_no_gateway_secret(plan_dir):
+    # /proc/PID/environ of a forked replica is the zygote's environment at its start: both must be minimal.
+    env = {**os.environ, "FAASMOE_GATEWAY_BASIC_AUTH_USER": "op", "FAASMOE_GATEWAY_BASIC_AUTH_PASSWORD": GATEWAY_SECRET}
+    with GatewayProcess(env=env) as gateway:
+        (name, *_) = deploy_with_auth(gateway, plan_dir, ("op", GATEWAY_SECRET))
+        ready = httpx.get(f"{gateway.url}/function/{name}/ready", timeout=60, trust_env=False)
+        assert ready.status_code == 200, ready.text
+        (zygote,) = zygotes(gateway)
+        (replica,) = gateway.function_processes()
+        assert replica.ppid() == zygote.pid
+        for process in (zygote, replica):
+            environ = process.environ()
+            assert GATEWAY_SECRET not in "\n".join(f"{key}={value}" for key, value in environ.items())
+            assert not [key for key in environ if key.startswith("FAASMOE_GATEWAY_")]
+            assert environ["PATH"] == os.environ["PATH"]
+
+
+@pytest.mark.parametrize("spawn", ["fork", "exec"])
+def test_a_shard_that_fails_to_load_is_a_500_in_seconds(plan_dir, spawn):
+    plan = Plan.load(plan_dir)
+    broken = plan.functions[0].name
+    (plan_dir / "functions" / f"{broken}.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    # The production cold-start timeout (120 s): the old gateway waited it out, then the client retried.
+    with GatewayProcess(args=["--function-spawn", spawn, "--cold-start-timeout", "120"]) as gateway:
+        deploy(gateway, plan_dir)
+        started = time.monotonic()
+        response = httpx.post(f"{gateway.url}/function/{broken}", content=b"x", timeout=150, trust_env=False)
+        elapsed = time.monotonic() - started
+        assert response.status_code == 500, response.text
+        assert response.text.startswith(f"function {broken!r} failed to load: ")
+        assert f"{broken}.safetensors" in response.text
+        assert elapsed < 30, f"{elapsed:.1f} s to answer a load failure"
+        wait_until(lambda: not any(alive(p) for p in gateway.function_processes()), "the failed replica is stopped")

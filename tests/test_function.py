@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +30,7 @@ from faasmoe.experts.wire import CONTENT_TYPE, decode_output, encode_batch
 from faasmoe.model.presets import preset_config
 from faasmoe.planning.export import export
 from faasmoe.planning.plan import Plan
+from tests.corruption import flip_tensor_bytes
 
 # The function must use the test process's intra-op thread count for bit-identical sums.
 THREADS = 1
@@ -34,6 +38,8 @@ EXPERTS_PER_FUNCTION = 5
 FUNCTION = "moe-l00-e000-004"  # layer 0, experts 0-4 of the tiny preset's 12
 START_TIMEOUT_S = 30.0
 EXIT_TIMEOUT_S = 5.0
+# The module's function refuses larger bodies (the default, 64 MiB, would make the over-size tests slow).
+MAX_BODY_BYTES = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +56,12 @@ def plan_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def plan(plan_dir: Path) -> Plan:
     return Plan.load(plan_dir)
+
+
+def shard_sha256(plan: Plan, function: str = FUNCTION) -> str:
+    digest = next(f.sha256 for f in plan.functions if f.name == function)
+    assert digest is not None, "faasmoe export records every shard's sha256"
+    return digest
 
 
 def free_port() -> int:
@@ -136,9 +148,13 @@ def start(tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def function(plan_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FunctionProcess]:
-    """One loaded function for the tests that only invoke it; it must exit 0 on SIGTERM at the end."""
-    process = FunctionProcess(tmp_path_factory.mktemp("logs") / "function.log", FUNCTION, str(plan_dir))
+def function(plan_dir: Path, plan: Plan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FunctionProcess]:
+    """One loaded function for the tests that only invoke it; it must exit 0 on SIGTERM at the end.
+
+    It verifies its shard as a deployment tells it to, and refuses bodies over MAX_BODY_BYTES.
+    """
+    env = {"FAASMOE_SHARD_SHA256": shard_sha256(plan), "FAASMOE_MAX_BODY_BYTES": str(MAX_BODY_BYTES)}
+    process = FunctionProcess(tmp_path_factory.mktemp("logs") / "function.log", FUNCTION, str(plan_dir), **env)
     try:
         assert process.wait_loaded().status_code == 200, process.log()
         yield process
@@ -245,20 +261,27 @@ class GatedFiles(SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def weights_server(plan_dir: Path) -> Iterator[tuple[str, threading.Event]]:
-    gate = threading.Event()
+@contextlib.contextmanager
+def files_server(plan_dir: Path, gate: threading.Event) -> Iterator[str]:
+    """Serves ``plan_dir``'s parent on a free port; yields the plan's URL. GETs wait for ``gate``."""
     handler = type("Gated", (GatedFiles,), {"gate": gate})
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(plan_dir.parent)))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/{plan_dir.name}", gate
+        yield f"http://127.0.0.1:{server.server_address[1]}/{plan_dir.name}"
     finally:
         gate.set()
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def weights_server(plan_dir: Path) -> Iterator[tuple[str, threading.Event]]:
+    gate = threading.Event()
+    with files_server(plan_dir, gate) as url:
+        yield url, gate
 
 
 def test_http_weights_503_while_loading_then_exact(start, weights_server, plan_dir: Path, tmp_path: Path) -> None:
@@ -307,6 +330,94 @@ def test_load_failures_answer_500_naming_the_problem(start, plan_dir: Path, tmp_
         assert invoked.status_code == 500 and message in invoked.json()["error"], invoked.text
         assert process.http.get("/stats").json()["state"] == "failed"
         assert process.terminate() == 0, process.log()
+
+
+def _corrupt_copy(plan_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the plan whose function shard has flipped bytes in its tensor data (header intact)."""
+    corrupt = tmp_path / "corrupt-plan"
+    (corrupt / "functions").mkdir(parents=True)
+    shard = corrupt / "functions" / f"{FUNCTION}.safetensors"
+    shutil.copyfile(plan_dir / "functions" / shard.name, shard)
+    flip_tensor_bytes(shard)
+    load_shard(shard)  # the damage the header cannot tell: unverified, it would load and serve wrong sums
+    return corrupt
+
+
+def test_corrupt_shard_fails_the_load_naming_it(start, plan_dir: Path, plan: Plan, tmp_path: Path) -> None:
+    corrupt = _corrupt_copy(plan_dir, tmp_path)
+    recorded = shard_sha256(plan)
+    actual = hashlib.sha256((corrupt / "functions" / f"{FUNCTION}.safetensors").read_bytes()).hexdigest()
+    # A long load wait: an invocation must not wait for a load that has already failed.
+    env = {"FAASMOE_SHARD_SHA256": recorded, "FAASMOE_LOAD_WAIT_S": "60", "FAASMOE_CACHE_DIR": str(tmp_path / "c")}
+    opened = threading.Event()
+    opened.set()
+    with files_server(corrupt, opened) as url:
+        # The shard as a local file and as a download, both started at once: the two cold starts overlap.
+        processes = [start(FUNCTION, corrupt.as_uri(), **env), start(FUNCTION, url, **env)]
+        for process in processes:
+            ready = process.wait_loaded()
+            assert ready.status_code == 500 and ready.json()["status"] == "failed", ready.text
+            error = ready.json()["error"]
+            assert f"{FUNCTION}.safetensors is corrupt" in error, error
+            assert f"sha256 is {actual[:12]}..." in error and f"recorded {recorded[:12]}..." in error, error
+            started = time.monotonic()
+            invoked = process.invoke(encode_batch(GOOD))
+            assert time.monotonic() - started < EXIT_TIMEOUT_S
+            assert invoked.status_code == 500 and error in invoked.json()["error"], invoked.text
+            assert process.terminate() == 0, process.log()
+
+
+def raw_exchange(port: int, head: bytes, body_parts: Iterable[bytes] = ()) -> tuple[int, dict, bytes]:
+    """Sends a request byte for byte (no client library decides for us); returns status, JSON body, headers.
+
+    Reads until the server closes the connection, as it must after refusing a body it has not read.
+    """
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
+        sock.sendall(head)
+        for part in body_parts:
+            sock.sendall(part)
+        with contextlib.suppress(ConnectionResetError):  # a reset may follow the answer; the answer is read
+            while chunk := sock.recv(1 << 16):
+                received += chunk
+    headers, _, body = received.partition(b"\r\n\r\n")
+    return int(headers.split()[1]), json.loads(body), headers.lower()
+
+
+def request_head(**headers: str | int) -> bytes:
+    lines = [
+        "POST / HTTP/1.1",
+        "Host: 127.0.0.1",
+        f"Content-Type: {CONTENT_TYPE}",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def assert_still_exact(function: FunctionProcess, plan_dir: Path) -> None:
+    good = function.invoke(encode_batch(GOOD))
+    assert good.status_code == 200, good.text
+    assert torch.equal(decode_output(good.content), expected_output(plan_dir, GOOD))
+
+
+def test_over_size_body_is_413_before_it_is_sent(function: FunctionProcess, plan_dir: Path) -> None:
+    # Issue 14 item 9: a 100 MB invocation was accepted. Only the headers go: the answer cannot wait for the body.
+    status, body, headers = raw_exchange(function.port, request_head(**{"Content-Length": 100_000_000}))
+    assert status == 413 and "exceeds 1 MiB" in body["error"], body
+    assert b"connection: close" in headers
+    assert_still_exact(function, plan_dir)
+
+
+def test_over_size_chunked_body_is_413_once_past_the_limit(function: FunctionProcess, plan_dir: Path) -> None:
+    chunk = bytes(64 << 10)
+    chunks = MAX_BODY_BYTES // len(chunk) + 1  # one past the limit; no terminating chunk is ever sent
+    framed = (b"%x\r\n%b\r\n" % (len(chunk), chunk) for _ in range(chunks))
+    status, body, _ = raw_exchange(function.port, request_head(**{"Transfer-Encoding": "chunked"}), framed)
+    assert status == 413 and "exceeds 1 MiB" in body["error"], body
+    # A body of exactly the limit is read and judged on its content.
+    at_limit = function.invoke(bytes(MAX_BODY_BYTES))
+    assert at_limit.status_code == 400, at_limit.text
+    assert_still_exact(function, plan_dir)
 
 
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(start, weights_server) -> None:

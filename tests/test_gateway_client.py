@@ -49,6 +49,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
         f"{USER}:{PASSWORD}",
         "--cold-start-timeout",
         "10",
+        *("--allow-env-var", "GREETING", "--allow-env-var", "ECHO_*"),
     ]
     with GatewayProcess(args=args, log_path=logs / "gateway.log") as process:
         yield process
@@ -122,12 +123,35 @@ def test_not_found_and_other_errors_are_clear(gateway: GatewayProcess) -> None:
     run(scenario())
 
 
-def test_info(gateway: GatewayProcess) -> None:
+def test_info_of_the_embedded_gateway_is_a_providers(gateway: GatewayProcess) -> None:
     async def scenario() -> None:
         async with GatewayClient(settings(gateway)) as client:
             info = await client.info()
             assert info.provider.provider == "faasmoe-embedded"
-            assert info.arch
+            assert info.provider.orchestration == "local-processes"
+            assert info.version.release and info.version == info.provider.version
+
+    run(scenario())
+
+
+def test_info_reads_the_openfaas_gateways_wrapped_form() -> None:
+    # What the OpenFaaS gateway answers: its own version and arch around its provider's ProviderInfo.
+    document = {
+        "provider": {
+            "provider": "faas-netes-ce",
+            "orchestration": "kubernetes",
+            "version": {"sha": "ab", "release": "0.18"},
+        },
+        "version": {"sha": "cd", "release": "0.27.12"},
+        "arch": "x86_64",
+    }
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=document))
+
+    async def scenario() -> None:
+        async with GatewayClient(GatewaySettings(base_url="http://gateway"), transport=transport) as client:
+            info = await client.info()
+        assert (info.provider.provider, info.provider.version.release) == ("faas-netes-ce", "0.18")
+        assert (info.version.release, info.arch) == ("0.27.12", "x86_64")
 
     run(scenario())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,7 @@ MODEL = "tiny-fp32"  # the served model name: the checkpoint folder's name
 KEYS = {"alpha": "sk-alpha-0001", "beta": "sk-beta-0002", "gamma": "sk-gamma-0003"}
 LIMITED_KEY = "sk-limited-0004"
 OTHER_MODEL_KEY = "sk-other-0005"
+METRICS_KEY = "operator-metrics-0006"  # the operator's: opens /metrics, no tenant's key does
 TENANTS = {
     "tenants": [
         *({"name": name, "api_keys": [key]} for name, key in KEYS.items()),
@@ -45,7 +47,7 @@ def stack(tiny_fp32: Path, tmp_path_factory: pytest.TempPathFactory):
     with GatewayProcess(log_path=work / "gateway.log") as gateway:
         deploy(gateway, work / "plan")
         args = ["--model", str(tiny_fp32), "--plan", str(work / "plan"), "--tenants", str(tenants),
-                "--gateway", gateway.url, "--threads", str(TEST_THREADS)]  # fmt: skip
+                "--gateway", gateway.url, "--threads", str(TEST_THREADS), "--metrics-key", METRICS_KEY]  # fmt: skip
         with ServeProcess(args=args, log_path=work / "serve.log") as server:
             yield Stack(tiny_fp32, work, gateway, server, args)
 
@@ -61,7 +63,13 @@ class Stack:
                           timeout=60, trust_env=False)  # fmt: skip
 
     def metrics(self) -> str:
-        return httpx.get(self.server.url + "/metrics", trust_env=False).text
+        return read_metrics(self.server.url)
+
+
+def read_metrics(url: str) -> str:
+    response = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}, trust_env=False)
+    assert response.status_code == 200, response.text
+    return response.text
 
 
 def tokenizer_of(stack: Stack):
@@ -211,6 +219,13 @@ def test_quotas_429_while_another_tenant_proceeds(stack: Stack):
         ({"model": "no-such-model", "prompt": [1, 2]}, 404),
         ({"prompt": [1, 2]}, 400),  # no model
         ({"model": MODEL}, 400),  # no prompt
+        ({"model": MODEL, "prompt": [1, 2], "seed": 2**64}, 400),  # over torch.Generator's range
+        ({"model": MODEL, "prompt": [1, 2], "seed": -(2**63) - 1}, 400),
+        ({"model": MODEL, "prompt": [1, 2], "top_p": 0}, 400),
+        (b'{"model": "tiny-fp32", "prompt": "a\\ud800b"}', 400),  # a lone UTF-16 surrogate
+        (b'{"model": "tiny-fp32", "prompt": ["\\udfff"]}', 400),
+        (b'{"model": "tiny-fp32", "prompt": "ab", "stop": ["\\udc00"]}', 400),
+        (b'{"model": "tiny\\ud800", "prompt": [1, 2]}', 400),
     ],
 )
 def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(stack: Stack, body, status):
@@ -224,8 +239,71 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(stack: Stack, b
 
 def test_bad_chat_bodies(stack: Stack):
     for body in ({"model": MODEL, "messages": []}, {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
-                 {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}):  # fmt: skip
-        assert stack.post("/v1/chat/completions", KEYS["alpha"], body).status_code == 400
+                 {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
+                 b'{"model": "tiny-fp32", "messages": [{"role": "user", "content": "a\\ud800"}]}',
+                 b'{"model": "tiny-fp32", "messages": [{"role": "user", "content": [{"type": "text", '
+                 b'"text": "\\udbff"}]}]}'):  # fmt: skip
+        response = stack.post("/v1/chat/completions", KEYS["alpha"], body)
+        assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_degenerate_temperature_and_top_p_are_computed_and_fail_no_one(stack: Stack):
+    """The issue's case: tiny temperature / top_p in a shared batch of two tenants used to fail all 8 with 500.
+
+    Both are computed exactly: a tiny temperature, or a nucleus that keeps only the likeliest token, is
+    greedy decoding when the maximum is unique, as in this model, so every request gets the greedy tokens.
+    """
+    extras = [{"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 5e-324, "top_p": 0.5},
+              {"temperature": 0}]  # fmt: skip
+    cases = [(key, i % len(PROMPTS), extra) for key in (KEYS["alpha"], KEYS["beta"]) for i, extra in enumerate(extras)]
+
+    async def together() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=stack.server.url, timeout=120, trust_env=False) as client:
+            return await asyncio.gather(*(
+                client.post("/v1/completions", json=completion_body(PROMPTS[p], seed=2**64 - 1, **extra),
+                            headers={"Authorization": f"Bearer {key}"})
+                for key, p, extra in cases))  # fmt: skip
+
+    responses = asyncio.run(together())
+    assert [r.status_code for r in responses] == [200] * len(cases), [r.text for r in responses]
+    greedy = reference_greedy(load_reference(stack.model), PROMPTS, NEW_TOKENS)
+    assert [r.json()["choices"][0]["token_ids"] for r in responses] == [greedy[p] for _, p, _ in cases]
+
+
+def test_metrics_open_only_with_the_operators_key(stack: Stack):
+    url = stack.server.url + "/metrics"
+    missing = httpx.get(url, trust_env=False)
+    assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
+    for key in KEYS.values():
+        tenant = httpx.get(url, headers={"Authorization": f"Bearer {key}"}, trust_env=False)
+        assert tenant.status_code == 403 and tenant.json()["error"]["code"] == "metrics_key_required"
+        assert "faasmoe_" not in tenant.text
+    wrong = httpx.get(url, headers={"Authorization": f"Bearer {METRICS_KEY}x"}, trust_env=False)
+    assert wrong.status_code == 401 and METRICS_KEY not in wrong.text
+    page = httpx.get(url, headers={"Authorization": f"Bearer {METRICS_KEY}"}, trust_env=False)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    assert metric(page.text, "faasmoe_request_errors_total", tenant="", type="authentication_error") >= 2
+
+
+def test_a_body_over_the_limit_gets_413_without_being_read_whole(stack: Stack):
+    limit = 4 * 2**20  # ServeSettings.max_body_bytes' default
+    declared = stack.post("/v1/completions", KEYS["alpha"], b" " * (limit + 1))
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large"
+    sent = 0
+
+    def endless() -> Iterator[bytes]:  # chunked, no Content-Length: the server must stop reading on its own
+        nonlocal sent
+        while sent < 64 * limit:
+            sent += 2**16
+            yield b" " * 2**16
+
+    headers = {"Authorization": f"Bearer {KEYS['alpha']}", "Content-Type": "application/json"}
+    chunked = httpx.post(stack.server.url + "/v1/completions", content=endless(), headers=headers, timeout=60,
+                         trust_env=False)  # fmt: skip
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+    assert sent < 8 * limit  # the limit, plus what the sockets' buffers held
+    good = stack.post("/v1/completions", KEYS["alpha"], completion_body(PROMPTS[2], 3))
+    assert good.status_code == 200 and len(good.json()["choices"][0]["token_ids"]) == 3
 
 
 def test_disconnected_stream_frees_its_sequence(stack: Stack):
@@ -271,6 +349,6 @@ def test_private_mode_gives_the_same_tokens(stack: Stack):
                                   headers={"Authorization": f"Bearer {key}"}, trust_env=False)  # fmt: skip
             shared = stack.post("/v1/completions", key, completion_body(PROMPTS[1]))
             assert response.json()["choices"][0]["token_ids"] == shared.json()["choices"][0]["token_ids"]
-        page = httpx.get(private.url + "/metrics", trust_env=False).text
+        page = read_metrics(private.url)
         assert metric(page, "faasmoe_step_tokens_count", engine="alpha") >= 1
         assert metric(page, "faasmoe_step_tokens_count", engine="beta") >= 1

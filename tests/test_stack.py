@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from faasmoe.function.settings import FunctionSettings
 from faasmoe.gateway.schemas import FunctionDeployment
 from faasmoe.planning.plan import ModelShape, Plan
 from faasmoe.planning.stack import (
@@ -113,6 +114,7 @@ def test_settings_override_image_gateway_weights_and_threads(plan: Plan, tmp_pat
         assert entry["image"] == "registry.local/eg:dev"
         assert entry["environment"]["FAASMOE_WEIGHTS_URI"] == "http://weights/plan"
         assert "FAASMOE_THREADS" not in entry["environment"]
+        assert "FAASMOE_SHARD_SHA256" not in entry["environment"]  # a sized plan records no digests
         assert entry["labels"]["com.openfaas.scale.min"] == "1"
         assert "skip_build" not in entry
 
@@ -123,6 +125,23 @@ def test_deployment_is_a_valid_function_deployment(plan: Plan) -> None:
     assert parsed.to_wire() == deployment
     assert deployment["envVars"]["FAASMOE_FUNCTION"] == plan.functions[0].name
     assert deployment["limits"]["cpu"] == "2"
+
+
+def test_stack_and_deploy_give_each_function_its_shard_digest(
+    plan: Plan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for index, function in enumerate(plan.functions):
+        function.sha256 = f"{index:064x}"  # what `faasmoe export` records
+    stack = load_stack(write_stack(plan, tmp_path / "stack.yml"))
+    for function in plan.functions:
+        environment = stack["functions"][function.name]["environment"]
+        assert environment == deployment_for(function, StackSettings())["envVars"]
+        assert environment["FAASMOE_SHARD_SHA256"] == function.sha256
+        # The function reads exactly these variables as its settings.
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        settings = FunctionSettings()
+        assert (settings.function, settings.shard_sha256) == (function.name, function.sha256)
 
 
 def test_qwen_expert_bytes() -> None:

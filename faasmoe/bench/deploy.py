@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +20,7 @@ from faasmoe.gateway.schemas import FunctionStatus
 from faasmoe.planning.deploy import deploy_plan
 from faasmoe.planning.plan import Plan
 from faasmoe.planning.stack import StackSettings
+from faasmoe.process import wait_until
 
 _POLL_S = 0.2
 
@@ -54,11 +54,11 @@ def deploy(gateway_url: str, plan_dir: Path, settings: StackSettings) -> list[st
 
 def wait_warm(gateway_url: str, names: list[str], timeout_s: float) -> None:
     """Until every named function has a ready replica (the static baseline is warm before measuring)."""
-    deadline = time.monotonic() + timeout_s
     with httpx.Client(base_url=gateway_url, timeout=10.0, trust_env=False) as http:
-        while time.monotonic() < deadline:
+
+        def warm() -> bool:
             statuses = [FunctionStatus.model_validate(s) for s in http.get("/system/functions").json()]
-            if all(s.available_replicas > 0 for s in statuses if s.name in names):
-                return
-            time.sleep(_POLL_S)
-    raise FaasmoeError(f"functions not warm within {timeout_s:g} s: {names}")
+            return all(s.available_replicas > 0 for s in statuses if s.name in names)
+
+        if not wait_until(warm, timeout_s, _POLL_S):
+            raise FaasmoeError(f"functions not warm within {timeout_s:g} s: {names}")

@@ -96,8 +96,9 @@ def launched(
         ]
         for server in servers:
             processes.callback(server.stop)
+            server.spawn()  # here, on the main thread, which their parent-death signal is bound to
         with ThreadPoolExecutor(len(servers)) as pool:  # the servers load side by side, as a fleet would
-            list(pool.map(ServeProcess.start, servers))
+            list(pool.map(ServeProcess.wait_healthy, servers))
         roots += [ProcessRoot(server.pid, "control", "control") for server in servers]
         endpoints = {
             t: Endpoint(s.url, api_key(t), MODEL_NAME) for s, group in zip(servers, groups, strict=True) for t in group

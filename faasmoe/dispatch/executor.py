@@ -8,6 +8,21 @@ from typing import Protocol
 
 import torch
 
+from faasmoe.errors import FaasmoeError
+
+
+class FunctionFailed(FaasmoeError):
+    """An expert function could not compute its share; the message holds the detail, for the operator's log.
+
+    ``unavailable``: no replica answered (unreachable, busy or starting) after the client's retries, so a
+    later try may succeed; otherwise the function answered an error.
+    """
+
+    def __init__(self, function: str, message: str, *, unavailable: bool) -> None:
+        super().__init__(message)
+        self.function = function
+        self.unavailable = unavailable
+
 
 @dataclass(frozen=True)
 class RoutedTokens:
@@ -21,7 +36,8 @@ class RoutedTokens:
 
 class ExpertExecutor(Protocol):
     def submit(self, tokens: RoutedTokens) -> Future[torch.Tensor]:
-        """Starts computing sum_k w_k * expert_k(x) for every token; the future yields [T, H] in x's dtype.
+        """Starts computing sum_k w_k * expert_k(x) for every token; the future yields [T, H] in x's dtype
+        or raises FunctionFailed.
 
         Returning a future lets the trunk compute the shared expert while the routed experts run.
         """

@@ -32,7 +32,7 @@ def local_executor(plan: Plan, plan_dir: Path) -> DispatchExecutor:
 
 
 def _load_function(plan_dir: Path, function: FunctionSpec) -> ExpertSet:
-    experts = load_shard(plan_dir / function.shard)
+    experts = load_shard(plan_dir / function.shard, function.sha256)
     for layer, expert in function.experts:
         if (layer, expert) not in experts:
             raise ShardError(f"shard of {function.name} lacks expert {expert} of layer {layer}")

@@ -16,13 +16,18 @@ from pathlib import Path
 
 import torch
 
+from faasmoe.dispatch.executor import FunctionFailed
 from faasmoe.dispatch.scatter import DispatchExecutor, FunctionCall
+from faasmoe.errors import BadRequest
 from faasmoe.experts.wire import CONTENT_TYPE, decode_output, encode_batch
-from faasmoe.gateway.client import GatewayClient, GatewaySettings
+from faasmoe.gateway.client import GatewayClient, GatewayError, GatewaySettings
 from faasmoe.planning.plan import Plan
 
 # The function server counts invocations per process; 1 means this call met a freshly started replica.
 INVOCATION_HEADER = "X-Faasmoe-Invocation"
+# Still busy or starting after the client's retries, no answer at all (None), or not deployed (404: a
+# restarted gateway, until the control plane's reconciler redeploys the plan): a later try may succeed.
+UNAVAILABLE_STATUSES = frozenset({None, 404, 429, 503})
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,15 @@ class RemoteTransport:
     async def _invoke(self, call: FunctionCall, body: bytes) -> torch.Tensor:
         name = call.function.name
         started = time.perf_counter()
-        # A 4xx/5xx (after the client's bounded retries) raises GatewayError naming the function.
-        response = await self.client.invoke(name, body, headers={"Content-Type": CONTENT_TYPE})
+        try:
+            # A 4xx/5xx (after the client's bounded retries) raises GatewayError naming the function.
+            response = await self.client.invoke(name, body, headers={"Content-Type": CONTENT_TYPE})
+            output = decode_output(response.content)
+        except GatewayError as exc:
+            raise FunctionFailed(name, str(exc), unavailable=exc.status in UNAVAILABLE_STATUSES) from exc
+        except BadRequest as exc:  # the function answered 200 with a body that is not its output
+            message = f"function {name!r} answered an unreadable body: {exc}"
+            raise FunctionFailed(name, message, unavailable=False) from exc
         self.log.record(
             Invocation(
                 function=name,
@@ -92,7 +104,7 @@ class RemoteTransport:
                 cold_start=response.headers.get(INVOCATION_HEADER) == "1",
             )
         )
-        return decode_output(response.content)
+        return output
 
     def close(self) -> None:
         self.loop.submit(self.client.aclose()).result()

@@ -1,7 +1,8 @@
 """A function's weight shard: one safetensors file with its experts in the hub key layout.
 
 The file's metadata says which (layer, expert) pairs it must hold, so a function needs nothing but
-this one file, and a shard that lost an expert is caught when it is loaded.
+this one file, and a shard that lost an expert is caught when it is loaded. Given the plan's sha256 of
+the file, loading also catches flipped bytes in tensor data, which the header cannot tell.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 from faasmoe.errors import ShardError
 from faasmoe.experts.compute import ExpertSet, ExpertWeights
 from faasmoe.model.checkpoint import expert_key
+from faasmoe.planning.digest import verify_sha256
 
 FORMAT = "faasmoe-expert-shard/1"
 
@@ -36,10 +38,15 @@ def write_shard(
     return sum(t.nbytes for t in tensors.values())
 
 
-def load_shard(path: Path) -> ExpertSet:
-    """Loads every expert the shard declares; raises ShardError naming what is missing or malformed."""
+def load_shard(path: Path, sha256: str | None = None) -> ExpertSet:
+    """Loads every expert the shard declares; raises ShardError naming what is missing, corrupt or malformed.
+
+    ``sha256`` is the plan's digest of the file; None (a version-1 plan) loads it unverified.
+    """
     if not path.is_file():
         raise ShardError(f"shard {path} does not exist")
+    if sha256 is not None:
+        verify_sha256(path, sha256, "shard")
     try:
         handle = safe_open(str(path), framework="pt")
     except Exception as exc:  # safetensors raises its own error types for a corrupt header

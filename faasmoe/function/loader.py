@@ -82,16 +82,19 @@ class WeightsLoader:
             # Global in torch: the compute thread picks it up when it first runs a parallel op.
             torch.set_num_threads(self.settings.threads)
         self.timeline.mark(milestones.IMPORTS)
+        sha256 = self.settings.shard_sha256
+        if sha256 is None:
+            logger.warning("function %s: no FAASMOE_SHARD_SHA256: its shard loads unverified", self.settings.function)
         if weights.is_remote(self.settings.weights_uri):
             path = weights.download_shard(self.settings)
             self.timeline.mark(milestones.DOWNLOADED)
             try:
-                experts = load_shard(path)
+                experts = load_shard(path, sha256)
             finally:
                 if not self.settings.keep_download:
                     path.unlink(missing_ok=True)
         else:
-            experts = load_shard(weights.local_shard_path(self.settings))
+            experts = load_shard(weights.local_shard_path(self.settings), sha256)
         _detach_from_file(experts)
         self.timeline.mark(milestones.LOADED)
         return Invoker(experts)

@@ -8,8 +8,12 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from faasmoe.planning.digest import Sha256
+
 # of-watchdog's default upstream_url is http://127.0.0.1:5000: the function listens there behind it.
 DEFAULT_PORT = 5000
+# A 4096-token prefill at hidden 2048 in fp32 is 32 MiB of hidden states, plus routing: twice that is generous.
+DEFAULT_MAX_BODY_BYTES = 64 << 20
 
 
 class FunctionSettings(BaseSettings):
@@ -22,12 +26,18 @@ class FunctionSettings(BaseSettings):
     weights_uri: str = Field(
         min_length=1, description="the plan directory: a local path, a file:// URI or an http(s):// URL"
     )
+    shard_sha256: Sha256 | None = Field(
+        default=None, description="the plan's sha256 of the shard: verified before loading; None loads it unverified"
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     # Exactness across processes needs the control plane's intra-op thread count; None keeps torch's default.
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads")
     load_wait_s: float = Field(default=60.0, ge=0, description="how long a request waits for the weights")
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 503 while still loading")
+    max_body_bytes: int = Field(
+        default=DEFAULT_MAX_BODY_BYTES, ge=1, description="larger invocation bodies are refused with 413 unread"
+    )
     cache_dir: Path = Field(
         default=Path(tempfile.gettempdir()) / "faasmoe-weights", description="where http(s) shards are downloaded"
     )

@@ -19,7 +19,7 @@ class Counters:
     """Invocation outcomes; updated on the event loop thread only, so no lock is needed."""
 
     invocations: int = 0  # answered 200
-    bad_requests: int = 0  # answered 400
+    bad_requests: int = 0  # answered 400, or 413 for an over-size body
     errors: int = 0  # answered 500 after loading (unexpected compute failures)
     not_ready: int = 0  # answered 503 or 500 because the weights were not (or could not be) loaded
 

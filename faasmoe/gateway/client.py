@@ -1,8 +1,10 @@
 """Async client for an OpenFaaS gateway (the real one or faasmoe's embedded one).
 
-One pooled ``httpx.AsyncClient`` with keep-alive connections serves every call. Responses the
-gateway gives while a function is busy or (re)starting (429, 502, 503) and connection failures
-are retried with bounded exponential backoff, honouring ``Retry-After``.
+One pooled ``httpx.AsyncClient`` with keep-alive connections serves every call. Answers that mean
+"busy / starting" are retried with bounded exponential backoff, honouring ``Retry-After``: 429, 503,
+of-watchdog's own 500 (its upstream, the function server, is not listening yet: on OpenFaaS CE a pod is
+Ready before its weights load), and connection failures where the request never reached the function.
+A function's own 500 (it failed to load) and a gateway's 502 (the function crashed) are final.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from faasmoe.gateway.schemas import (
     FunctionDeployment,
     FunctionStatus,
     GatewayInfo,
+    ProviderInfo,
     ScaleServiceRequest,
 )
 
@@ -36,6 +39,9 @@ _RETRYABLE_TRANSPORT_ERRORS = (
     httpx.PoolTimeout,
 )
 _ERROR_BODY_CHARS = 500
+# of-watchdog marks the answers it gives itself (not its function's) with this header.
+WATCHDOG_HEADER = "X-OpenFaaS-Internal"
+WATCHDOG = "of-watchdog"
 
 
 class GatewayError(FaasmoeError):
@@ -58,7 +64,16 @@ class RetryPolicy(BaseModel):
     base_delay_s: float = Field(default=0.1, ge=0)
     max_delay_s: float = Field(default=2.0, ge=0)
     max_retry_after_s: float = Field(default=30.0, ge=0, description="cap on a server's Retry-After")
-    retry_statuses: frozenset[int] = frozenset({429, 502, 503})
+    retry_statuses: frozenset[int] = frozenset({429, 503})
+
+    def retries(self, response: httpx.Response) -> bool:
+        """Whether ``response`` says "busy / starting": a retry may succeed."""
+        if response.status_code in self.retry_statuses:
+            return True
+        # The watchdog's own 500: its function server is not up yet (the function's own 500 is final).
+        return response.status_code == httpx.codes.INTERNAL_SERVER_ERROR and (
+            response.headers.get(WATCHDOG_HEADER) == WATCHDOG
+        )
 
     def delay(self, attempt: int, retry_after: str | None = None) -> float:
         """Seconds to wait before try ``attempt + 1`` (attempt counts from 0)."""
@@ -209,9 +224,15 @@ class GatewayClient:
         self._raise_for_status(response, f"scaling function {name!r}", not_found=name)
 
     async def info(self) -> GatewayInfo:
+        """The gateway's info: the OpenFaaS gateway's GatewayInfo, or a provider's flat ProviderInfo
+        (the embedded gateway is a provider) read as a GatewayInfo of that provider."""
         response = await self._system("GET", "/system/info")
         self._raise_for_status(response, "reading gateway info")
-        return GatewayInfo.model_validate(response.json())
+        document = response.json()
+        if isinstance(document, dict) and isinstance(document.get("provider"), str):
+            provider = ProviderInfo.model_validate(document)
+            return GatewayInfo(provider=provider, version=provider.version)
+        return GatewayInfo.model_validate(document)
 
     async def healthz(self) -> bool:
         """True when the gateway answers 200 on /healthz; one try, no retries, never raises."""
@@ -262,7 +283,7 @@ class GatewayClient:
                 continue
             except httpx.HTTPError as exc:
                 raise GatewayError(f"{method} {self._http.base_url}{url} failed: {exc!r}") from exc
-            if response.status_code in policy.retry_statuses and not last:
+            if policy.retries(response) and not last:
                 await asyncio.sleep(policy.delay(attempt, response.headers.get("retry-after")))
                 continue
             return response

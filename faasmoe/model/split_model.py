@@ -31,8 +31,12 @@ class SplitModel:
         plan = Plan.load(plan_dir)
         plan.check_matches(checkpoint)
         executor = make_executor(plan, plan_dir)
-        trunk = Trunk.load(checkpoint, executor, plan_dir / plan.trunk)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        try:  # a corrupt or missing trunk must not leave the executor's connections open
+            trunk = Trunk.load(checkpoint, executor, plan_dir / plan.trunk, plan.trunk_sha256)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except BaseException:
+            executor.close()
+            raise
         return cls(checkpoint, plan, plan_dir, trunk, tokenizer, executor)
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from faasmoe.errors import CheckpointError
 from faasmoe.model.attention import SequenceSlice, batched_attention
 from faasmoe.model.checkpoint import Checkpoint, is_routed_expert_key
 from faasmoe.model.moe_block import SplitMoeBlock
+from faasmoe.planning.digest import verify_sha256
 
 
 @dataclass
@@ -43,8 +44,17 @@ class Trunk:
         self.config = model.config
 
     @classmethod
-    def load(cls, checkpoint: Checkpoint, executor: ExpertExecutor, trunk_file: Path | None = None) -> Trunk:
-        """Builds the trunk from the checkpoint (or a plan's trunk file) without reading any routed expert."""
+    def load(
+        cls,
+        checkpoint: Checkpoint,
+        executor: ExpertExecutor,
+        trunk_file: Path | None = None,
+        trunk_sha256: str | None = None,
+    ) -> Trunk:
+        """Builds the trunk from the checkpoint (or a plan's trunk file) without reading any routed expert.
+
+        ``trunk_sha256`` is the plan's digest of ``trunk_file``: a file that differs raises ShardError.
+        """
         config = checkpoint.config
         config._attn_implementation = "sdpa"
         with torch.device("meta"):
@@ -52,7 +62,7 @@ class Trunk:
         for index, layer in enumerate(model.model.layers):
             if isinstance(layer.mlp, Qwen2MoeSparseMoeBlock):
                 layer.mlp = SplitMoeBlock(layer.mlp, index, executor)
-        state = _read_trunk(checkpoint, trunk_file)
+        state = _read_trunk(checkpoint, trunk_file, trunk_sha256)
         if config.tie_word_embeddings and "lm_head.weight" not in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         expected = set(model.state_dict())
@@ -111,10 +121,12 @@ class Trunk:
         return SequenceSlice(span=span, cache=seq.cache, position_embeddings=cos_sin, mask=mask, position_ids=positions)
 
 
-def _read_trunk(checkpoint: Checkpoint, trunk_file: Path | None) -> dict[str, torch.Tensor]:
+def _read_trunk(checkpoint: Checkpoint, trunk_file: Path | None, sha256: str | None) -> dict[str, torch.Tensor]:
     if trunk_file is None:
         return checkpoint.read(checkpoint.trunk_keys())
     if not trunk_file.is_file():
         raise CheckpointError(f"trunk weights {trunk_file} are missing")
+    if sha256 is not None:
+        verify_sha256(trunk_file, sha256, "trunk file")
     with safe_open(str(trunk_file), framework="pt") as f:
         return {key: f.get_tensor(key) for key in f.keys() if not is_routed_expert_key(key)}

@@ -1,4 +1,7 @@
-"""`faasmoe export`: a checkpoint -> plan.json, one expert shard per function, and the trunk weights."""
+"""`faasmoe export`: a checkpoint -> plan.json, one expert shard per function, and the trunk weights.
+
+plan.json records each file's sha256, hashed from the file as written, so a loader can tell a corrupt copy.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from safetensors.torch import save_file
 
 from faasmoe.experts.shard import write_shard
 from faasmoe.model.checkpoint import Checkpoint
+from faasmoe.planning.digest import file_sha256
 from faasmoe.planning.plan import DEFAULT_PREFIX, ModelShape, Plan
 
 
@@ -25,9 +29,11 @@ def export(
     plan = Plan.group(ModelShape.of(checkpoint), experts_per_function, layers_per_function, prefix)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(checkpoint.read(checkpoint.trunk_keys()), str(out_dir / plan.trunk), metadata={"format": "pt"})
+    plan.trunk_sha256 = file_sha256(out_dir / plan.trunk)
     for function in plan.functions:
         experts = {(layer, e): checkpoint.read_expert(layer, e) for layer, e in function.experts}
         function.bytes = write_shard(out_dir / function.shard, function.name, checkpoint.config.hidden_act, experts)
+        function.sha256 = file_sha256(out_dir / function.shard)
         if on_function:
             on_function(function.name)
     plan.save(out_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,11 +12,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from faasmoe.errors import PlanError
 from faasmoe.model.checkpoint import Checkpoint
+from faasmoe.planning.digest import Sha256
 
 if TYPE_CHECKING:  # transformers costs ~1.5 s to import
     from transformers import Qwen2MoeConfig
 
+logger = logging.getLogger(__name__)
+
 PLAN_FILE = "plan.json"
+# Version 2 records a sha256 per shard and of the trunk file; version 1 plans have none and still load.
+PLAN_VERSION = 2
+DIGESTS_SINCE = 2
 TRUNK_FILE = "trunk.safetensors"
 SHARD_DIR = "functions"
 DEFAULT_PREFIX = "moe"
@@ -69,14 +76,16 @@ class FunctionSpec(BaseModel):
     layers: list[int]
     experts: list[tuple[int, int]]  # (layer, expert) pairs
     bytes: int = 0
+    sha256: Sha256 | None = None  # of the shard file as exported; None in version-1 plans
 
 
 class Plan(BaseModel):
-    version: int = 1
+    version: int = Field(default=PLAN_VERSION, ge=1)
     model: ModelShape
     experts_per_function: int = Field(ge=1)
     layers_per_function: int = Field(ge=1)
     trunk: str = TRUNK_FILE
+    trunk_sha256: Sha256 | None = None  # of the trunk file; None in version-1 plans
     functions: list[FunctionSpec]
 
     @classmethod
@@ -114,13 +123,33 @@ class Plan(BaseModel):
         if not path.is_file():
             raise PlanError(f"{plan_dir} is not a plan directory: {PLAN_FILE} is missing")
         try:
-            return cls.model_validate_json(path.read_text())
+            plan = cls.model_validate_json(path.read_text())
         except ValidationError as exc:
             raise PlanError(f"{path} is malformed: {exc}") from exc
+        plan._check_format(path)
+        return plan
 
     def save(self, plan_dir: Path) -> None:
         plan_dir.mkdir(parents=True, exist_ok=True)
         (plan_dir / PLAN_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+
+    def _check_format(self, path: Path) -> None:
+        """A version this code reads; from version 2 on every file has its digest, version 1 loads unverified."""
+        if self.version > PLAN_VERSION:
+            raise PlanError(f"{path} is plan version {self.version}; this faasmoe reads versions up to {PLAN_VERSION}")
+        if self.version < DIGESTS_SINCE:
+            logger.warning(
+                "%s is plan version %d: it records no sha256 digests, so its shards and trunk cannot be verified "
+                "(re-export it with `faasmoe export` to verify them)",
+                path,
+                self.version,
+            )
+            return
+        unrecorded = [f.shard for f in self.functions if f.sha256 is None]
+        if self.trunk_sha256 is None:
+            unrecorded.insert(0, self.trunk)
+        if unrecorded:
+            raise PlanError(f"{path} (version {self.version}) records no sha256 of {unrecorded[0]}")
 
     def check_matches(self, checkpoint: Checkpoint) -> None:
         expected = ModelShape.of(checkpoint)

@@ -1,7 +1,8 @@
 """stack.yml for real OpenFaaS, and the gateway-API deployment of each function, from one plan.
 
 Every function of a plan runs the same image (functions/expert-group); its environment names the
-shard to load. Memory is sized from the shard: weights x headroom + a base for python and torch.
+shard to load and the sha256 the plan recorded of it. Memory is sized from the shard: weights x headroom
++ a base for python and torch.
 `deployment_for` gives the same data as OpenFaaS's FunctionDeployment JSON (POST /system/functions),
 so `faasmoe stack` and `faasmoe deploy` cannot disagree.
 """
@@ -81,7 +82,10 @@ def memory_mib(weights_bytes: int, settings: StackSettings) -> tuple[int, int]:
 
 
 def function_environment(function: FunctionSpec, settings: StackSettings) -> dict[str, str]:
+    """faasmoe.function's FunctionSettings as FAASMOE_* variables; the digest only where the plan records one."""
     env = {"FAASMOE_FUNCTION": function.name, "FAASMOE_WEIGHTS_URI": settings.weights_uri}
+    if function.sha256 is not None:
+        env["FAASMOE_SHARD_SHA256"] = function.sha256
     if settings.threads is not None:
         env["FAASMOE_THREADS"] = str(settings.threads)
     return env

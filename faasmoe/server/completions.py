@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from faasmoe.model.sampling import SamplingParams
 from faasmoe.server.generation import Delta, Generation, GenerationFailed
+from faasmoe.server.middleware import request_id
 from faasmoe.server.platform import Platform
 from faasmoe.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, completion_id, now
-from faasmoe.server.sequence import GenerationRequest, TokenEvent
+from faasmoe.server.sequence import Failure, FailureKind, GenerationRequest, TokenEvent
 from faasmoe.server.tenants import QuotaExceeded, Tenant
 
+log = logging.getLogger(__name__)
+
 SSE_DONE = b"data: [DONE]\n\n"
+RETRY_UNAVAILABLE_S = 1  # Retry-After of a 503: the gateway client has already retried for a while
 
 
 @dataclass
@@ -33,26 +38,60 @@ class Job:
     prompt_ids: list[int]
     model: str
     id: str
+    request_id: str  # the HTTP request's: named in the server log and in 5xx bodies
     created: int = field(default_factory=now)
 
 
 async def create(
     platform: Platform, tenant: Tenant, body: CompletionRequest | ChatCompletionRequest, http: Request
 ) -> Response:
-    job = _job(platform, tenant, body)
-    generation = _admit(platform, tenant, job)
+    job = _job(platform, tenant, body, request_id(http.scope))
+    generation = _start(platform, tenant, job)
     fmt: _Format = (
         ChatFormat(platform, job) if isinstance(body, ChatCompletionRequest) else CompletionFormat(platform, job)
     )
     if body.stream:
-        return StreamingResponse(
-            _sse(fmt, generation), media_type="text/event-stream", background=BackgroundTask(generation.close)
-        )
-    deltas = await _collect_unless_disconnected(generation, http)
+        return GenerationStream(_sse(fmt, generation), generation)
+    try:
+        deltas = await _collect_unless_disconnected(generation, http)
+    finally:
+        generation.close()
     return JSONResponse(fmt.full(deltas, generation.completion_tokens))
 
 
-def _job(platform: Platform, tenant: Tenant, body: CompletionRequest | ChatCompletionRequest) -> Job:
+class GenerationStream(StreamingResponse):
+    """An SSE response that closes its generation however it ends: done, failed, or the client gone."""
+
+    def __init__(self, content: AsyncIterator[bytes], generation: Generation) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
+
+
+def failure_error(failure: Failure, request_id: str) -> ApiError:
+    """What a tenant is told of a failure: what failed and the request id, never internal detail."""
+    see_log = f"the server log has the details under request id {request_id}"
+    match failure.kind:
+        case FailureKind.FUNCTION:
+            return ApiError(502, f"expert function {failure.function!r} failed; {see_log}", type="server_error",
+                            code="function_failed")  # fmt: skip
+        case FailureKind.FUNCTION_UNAVAILABLE:
+            return ApiError(503, f"expert function {failure.function!r} is unavailable; retry later ({see_log})",
+                            type="server_error", code="function_unavailable",
+                            headers={"Retry-After": str(RETRY_UNAVAILABLE_S)})  # fmt: skip
+        case FailureKind.SEQUENCE:
+            return ApiError(500, f"generating this request's tokens failed; {see_log}", type="server_error",
+                            code="generation_failed")  # fmt: skip
+        case _:
+            return ApiError(500, f"the engine step failed; {see_log}", type="server_error", code="engine_failed")
+
+
+def _job(platform: Platform, tenant: Tenant, body: CompletionRequest | ChatCompletionRequest, request_id: str) -> Job:
     model = platform.settings.model_name
     if body.model != model:
         raise ApiError(
@@ -71,7 +110,7 @@ def _job(platform: Platform, tenant: Tenant, body: CompletionRequest | ChatCompl
         )
     prompt_ids = _prompt_ids(platform, body)
     prefix = "chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl"
-    return Job(body, prompt_ids, model, completion_id(prefix))
+    return Job(body, prompt_ids, model, completion_id(prefix), request_id)
 
 
 def _prompt_ids(platform: Platform, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
@@ -100,7 +139,8 @@ def _prompt_ids(platform: Platform, body: CompletionRequest | ChatCompletionRequ
     return ids
 
 
-def _admit(platform: Platform, tenant: Tenant, job: Job) -> Generation:
+def _start(platform: Platform, tenant: Tenant, job: Job) -> Generation:
+    """The admitted, queued Generation; the quota it holds is released whatever raises on the way."""
     body = job.body
     context = platform.model.checkpoint.config.max_position_embeddings
     room = context - len(job.prompt_ids)
@@ -113,6 +153,16 @@ def _admit(platform: Platform, tenant: Tenant, job: Job) -> Generation:
             param="max_tokens",
             code="context_length_exceeded",
         )
+    params = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop_token_ids=() if body.ignore_eos else platform.model.eos_token_ids,
+    )
+    logprobs = body.logprobs_count if isinstance(body, ChatCompletionRequest) else body.logprobs
+    request = GenerationRequest(tenant.name, job.prompt_ids, params, logprobs, job.request_id)
+    engine = platform.orchestrator.engine_for(tenant.name)
     try:
         admission = tenant.admit(max_tokens, len(job.prompt_ids))
     except QuotaExceeded as exc:
@@ -123,17 +173,13 @@ def _admit(platform: Platform, tenant: Tenant, job: Job) -> Generation:
             code="quota_exceeded",
             headers={"Retry-After": str(round(exc.retry_after_s))},
         ) from None
-    params = SamplingParams(
-        max_new_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop_token_ids=() if body.ignore_eos else platform.model.eos_token_ids,
-    )
-    logprobs = body.logprobs_count if isinstance(body, ChatCompletionRequest) else body.logprobs
-    request = GenerationRequest(tenant.name, job.prompt_ids, params, logprobs)
-    engine = platform.orchestrator.engine_for(tenant.name)
-    return Generation(engine, request, body.stop_strings, admission, platform.metrics)
+    generation = Generation(engine, request, body.stop_strings, admission, platform.metrics)
+    try:
+        generation.start()
+    except BaseException:
+        generation.close()
+        raise
+    return generation
 
 
 async def _collect_unless_disconnected(generation: Generation, http: Request) -> list[Delta]:
@@ -152,7 +198,7 @@ async def _collect_unless_disconnected(generation: Generation, http: Request) ->
     try:
         return work.result()
     except GenerationFailed as exc:
-        raise ApiError(500, f"generation failed: {exc}", type="server_error") from None
+        raise failure_error(exc.failure, generation.request.request_id) from None
 
 
 async def _disconnected(http: Request) -> None:
@@ -162,6 +208,7 @@ async def _disconnected(http: Request) -> None:
 
 async def _sse(fmt: _Format, generation: Generation) -> AsyncIterator[bytes]:
     """Server-sent events; an error mid-stream becomes an error event before [DONE]."""
+    rid = generation.request.request_id
     try:
         first = True
         async for delta in generation.deltas():
@@ -170,7 +217,10 @@ async def _sse(fmt: _Format, generation: Generation) -> AsyncIterator[bytes]:
         if fmt.job.body.include_usage:
             yield _event(fmt.usage_chunk(generation.completion_tokens))
     except GenerationFailed as exc:
-        yield _event(ApiError(500, f"generation failed: {exc}", type="server_error").body.model_dump())
+        yield _event(failure_error(exc.failure, rid).body.model_dump())
+    except Exception:  # e.g. formatting this request's chunk: the stream still ends well-formed
+        log.exception("request %s: streaming failed", rid)
+        yield _event(failure_error(Failure(FailureKind.SEQUENCE), rid).body.model_dump())
     yield SSE_DONE
 
 
@@ -259,7 +309,6 @@ class CompletionFormat(_Format):
             "top_logprobs": [self.top(t) for t in tokens],
             "text_offset": offsets,
         }
-
 
     def top(self, token: TokenEvent) -> dict[str, float]:
         """Keyed by text as OpenAI does; ids that decode alike (partial UTF-8) keep the likeliest's logprob."""

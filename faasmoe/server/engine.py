@@ -1,6 +1,10 @@
 """The engine: one thread that steps every running sequence of every tenant through the split model.
 
     while work:  batch = scheduler.schedule();  logits = trunk.step(batch);  self.postprocess(batch, logits)
+
+A failure ends only the sequences it concerns: one sequence's sampling or logprobs ends that sequence;
+a failed step (a function, the trunk) ends the step's batch. Tenants are told what failed, never the
+detail, which goes to the log under each request's id.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from collections.abc import AsyncIterator, Callable
 
 import torch
 
+from faasmoe.dispatch.executor import FunctionFailed
 from faasmoe.model.split_model import SplitModel
 from faasmoe.server.scheduler import Scheduler, SchedulerSettings
-from faasmoe.server.sequence import FinishReason, GenerationRequest, Sequence, TokenEvent
+from faasmoe.server.sequence import Failure, FailureKind, FinishReason, GenerationRequest, Sequence, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -95,37 +100,58 @@ class Engine:
                 seq.emit(TokenEvent(None, finish_reason=FinishReason.CANCELLED))
             if not batch:
                 continue
+            started = time.perf_counter()
             try:
-                started = time.perf_counter()
                 logits = self.model.trunk.step([s.state for s in batch])
-                self._postprocess(batch, logits)
-                for observer in self.step_observers:
-                    observer(batch, time.perf_counter() - started)
             except Exception as exc:  # a dead function or a bug: fail this batch, keep serving
-                log.exception("engine step failed")
-                with self._lock:
-                    for seq in batch:
-                        self.scheduler.finish(seq)
-                        seq.free()
-                        seq.emit(TokenEvent(None, finish_reason=FinishReason.ERROR, error=str(exc)))
+                failure = _step_failure(exc)
+                ids = ", ".join(s.request.request_id for s in batch)
+                if failure.kind is FailureKind.ENGINE:
+                    log.exception("engine step failed for requests %s", ids)
+                else:  # the function tier's own message says it all: no traceback per failed step
+                    log.error("engine step failed for requests %s: %s", ids, exc)
+                for seq in batch:
+                    self._finish(seq, TokenEvent(None, finish_reason=FinishReason.ERROR, failure=failure))
+                continue
+            for seq, row in zip(batch, logits, strict=True):
+                self._advance(seq, row)
+            for observer in self.step_observers:
+                observer(batch, time.perf_counter() - started)
 
-    def _postprocess(self, batch: list[Sequence], logits: list[torch.Tensor]) -> None:
-        for seq, row in zip(batch, logits, strict=True):
-            token = seq.sampler(row)
-            seq.output.append(token)
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Samples seq's next token and emits it; a failure here ends seq alone."""
+        try:
+            token = seq.sampler(logits)
             params = seq.request.params
             finish = None
             if token in params.stop_token_ids:
                 finish = FinishReason.STOP
-            elif len(seq.output) >= params.max_new_tokens:
+            elif len(seq.output) + 1 >= params.max_new_tokens:
                 finish = FinishReason.LENGTH
-            seq.emit(_token_event(token, row, seq.request.logprobs, finish))
-            if finish is None:
-                seq.state.new_tokens = [token]
-            else:
-                with self._lock:
-                    self.scheduler.finish(seq)
-                seq.free()
+            event = _token_event(token, logits, seq.request.logprobs, finish)
+        except Exception:
+            log.exception("request %s: choosing its next token failed", seq.request.request_id)
+            failure = Failure(FailureKind.SEQUENCE)
+            self._finish(seq, TokenEvent(None, finish_reason=FinishReason.ERROR, failure=failure))
+            return
+        seq.output.append(token)
+        if finish is None:
+            seq.emit(event)
+            seq.state.new_tokens = [token]
+        else:
+            self._finish(seq, event)
+
+    def _finish(self, seq: Sequence, last: TokenEvent) -> None:
+        with self._lock:
+            self.scheduler.finish(seq)
+        seq.free()
+        seq.emit(last)
+
+
+def _step_failure(exc: Exception) -> Failure:
+    if isinstance(exc, FunctionFailed):
+        return Failure(FailureKind.FUNCTION_UNAVAILABLE if exc.unavailable else FailureKind.FUNCTION, exc.function)
+    return Failure(FailureKind.ENGINE)
 
 
 def _token_event(token: int, logits: torch.Tensor, logprobs: int | None, finish: FinishReason | None) -> TokenEvent:

@@ -7,6 +7,7 @@ and always releases the request's KV cache and quota, also when the client goes 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,14 +16,20 @@ from transformers import PreTrainedTokenizerBase
 
 from faasmoe.server.engine import Engine, RequestHandle
 from faasmoe.server.metrics import Metrics
-from faasmoe.server.sequence import FinishReason, GenerationRequest, TokenEvent
+from faasmoe.server.sequence import Failure, FailureKind, FinishReason, GenerationRequest, TokenEvent
 from faasmoe.server.tenants import Admission
+
+log = logging.getLogger(__name__)
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for a partial multi-byte character
 
 
 class GenerationFailed(Exception):
-    """The engine could not finish the request (e.g. an expert function failed)."""
+    """The request could not be finished (e.g. an expert function failed); `failure` says what failed."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.kind.value)
+        self.failure = failure
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,10 @@ class TextStream:
 
 @dataclass
 class Generation:
-    """Runs one admitted request on an engine; iterate `deltas()` once."""
+    """Runs one admitted request on an engine: `start()`, then iterate `deltas()` once.
+
+    It owns the admission from its creation: whoever creates one must see that `close()` is called.
+    """
 
     engine: Engine
     request: GenerationRequest
@@ -85,29 +95,40 @@ class Generation:
     _handle: RequestHandle | None = None
     _closed: bool = False
 
+    def start(self) -> None:
+        """Queues the request on the engine."""
+        self._handle = self.engine.submit(self.request)
+
     async def deltas(self) -> AsyncIterator[Delta]:
+        assert self._handle is not None, "start() first"
         tenant = self.request.tenant
         text = TextStream(self.engine.model.tokenizer, self.stop)
-        self._handle = self.engine.submit(self.request)
         last = self.arrived
         try:
             async for event in self._handle.events():
-                if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
-                    raise GenerationFailed(event.error or f"the request was {event.finish_reason.value}")
+                if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):  # cancelled: the client left
+                    raise GenerationFailed(event.failure or Failure(FailureKind.ENGINE))
                 now = time.perf_counter()
                 (self.metrics.tpot if self.completion_tokens else self.metrics.ttft).labels(tenant).observe(now - last)
                 last = now
                 self.completion_tokens += 1
-                piece = text.add(event.token_id)
+                finish = event.finish_reason.value if event.finish_reason else None
+                piece = self._detokenize(text, event.token_id, flush=finish is not None)
                 if text.stopped:
                     yield Delta(piece, [event], FinishReason.STOP.value)
                     return
-                finish = event.finish_reason.value if event.finish_reason else None
-                if finish is not None:
-                    piece += text.flush()
                 yield Delta(piece, [event], finish)
         finally:
             self.close()
+
+    def _detokenize(self, text: TextStream, token_id: int, flush: bool) -> str:
+        """The text token_id adds; a failure here fails this request alone."""
+        try:
+            piece = text.add(token_id)
+            return piece + text.flush() if flush and not text.stopped else piece
+        except Exception:
+            log.exception("request %s: detokenizing failed", self.request.request_id)
+            raise GenerationFailed(Failure(FailureKind.SEQUENCE)) from None
 
     def close(self) -> None:
         """Idempotent: stops generating (a no-op once finished) and returns the quota's unused reservation.

@@ -1,4 +1,4 @@
-"""Everything one control plane serves with: tenants, engines (per mode), tokenizer, metrics, gateway.
+"""Everything one control plane serves with: tenants, engines (per mode), tokenizer, metrics, gateway, reconciler.
 
 Loaded once before the HTTP server starts, so a bad checkpoint, plan or tenants file fails the start
 with a clear message instead of failing requests later.
@@ -6,19 +6,23 @@ with a clear message instead of failing requests later.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 from faasmoe.dispatch.factory import executor_factory
 from faasmoe.dispatch.remote import InvocationLog
-from faasmoe.gateway.client import GatewayClient, GatewaySettings
+from faasmoe.gateway.client import GatewayClient, GatewayError, GatewaySettings
 from faasmoe.model.split_model import SplitModel
+from faasmoe.planning.plan import Plan
 from faasmoe.server.metrics import Metrics
 from faasmoe.server.orchestrator import Orchestrator
+from faasmoe.server.reconciler import Reconciler
 from faasmoe.server.settings import ServeSettings
 from faasmoe.server.tenants import TenantRegistry
 
-GATEWAY_CHECK_TTL_S = 2.0  # /ready probes the gateway at most this often
+READY_CHECK_TTL_S = 2.0  # /ready asks the gateway at most this often
 
 
 @dataclass
@@ -27,9 +31,11 @@ class Platform:
     tenants: TenantRegistry
     orchestrator: Orchestrator
     metrics: Metrics
+    reconciler: Reconciler
     created: int = field(default_factory=lambda: int(time.time()))
     gateway: GatewayClient | None = None  # opened on the server's event loop (connection pools are per loop)
-    _gateway_checked: tuple[float, bool] = (0.0, False)
+    _reconciling: asyncio.Task[None] | None = None
+    _readiness: tuple[float, str | None] = (float("-inf"), None)  # (checked at, why not ready)
 
     @classmethod
     def load(cls, settings: ServeSettings) -> Platform:
@@ -46,7 +52,9 @@ class Platform:
             engine.step_observers.append(
                 lambda batch, seconds, name=engine.name: metrics.observe_step(name, len(batch), seconds)
             )
-        return cls(settings, tenants, orchestrator, metrics)
+        functions = settings.functions if settings.reconcile else None
+        reconciler = Reconciler(Plan.load(settings.plan), functions, settings.reconcile_interval_s)
+        return cls(settings, tenants, orchestrator, metrics, reconciler)
 
     @property
     def model(self) -> SplitModel:
@@ -57,19 +65,35 @@ class Platform:
         context = self.model.checkpoint.config.max_position_embeddings
         return min(self.settings.max_prompt_tokens or context, context)
 
-    def open_gateway(self) -> None:
-        if self.settings.gateway is not None:
-            self.gateway = GatewayClient(GatewaySettings.from_url(self.settings.gateway, _basic_auth(self.settings)))
+    def open(self) -> None:
+        """On the server's event loop: the gateway client and, if reconciling, the reconciler's task."""
+        if self.settings.gateway is None:
+            return
+        self.gateway = GatewayClient(GatewaySettings.from_url(self.settings.gateway, _basic_auth(self.settings)))
+        if self.settings.reconcile:
+            self._reconciling = asyncio.get_running_loop().create_task(self.reconciler.run(self.gateway))
 
-    async def gateway_reachable(self) -> bool:
-        """True without a gateway (experts in-process); else the gateway's /healthz, briefly cached."""
+    async def not_ready(self) -> str | None:
+        """Why requests cannot be served now (None when they can), checked at most every READY_CHECK_TTL_S.
+
+        The model is loaded before the server listens; with a gateway, it must answer and run every
+        function of the plan as planned.
+        """
         if self.gateway is None:
-            return True
-        checked_at, ok = self._gateway_checked
-        if time.monotonic() - checked_at > GATEWAY_CHECK_TTL_S:
-            ok = await self.gateway.healthz()
-            self._gateway_checked = (time.monotonic(), ok)
-        return ok
+            return None
+        checked_at, reason = self._readiness
+        if time.monotonic() - checked_at > READY_CHECK_TTL_S:
+            reason = await self._gateway_problem(self.gateway)
+            self._readiness = (time.monotonic(), reason)
+        return reason
+
+    async def _gateway_problem(self, gateway: GatewayClient) -> str | None:
+        if not await gateway.healthz():
+            return "the gateway is unreachable"
+        try:
+            return (await self.reconciler.compare(gateway)).problem
+        except GatewayError as exc:  # its message names the gateway's URL: /ready is public
+            return f"the gateway did not list its functions (HTTP {exc.status})"
 
     async def metrics_page(self) -> bytes:
         if self.gateway is not None:
@@ -80,6 +104,10 @@ class Platform:
         return self.metrics.render(self.orchestrator.active_sequences())
 
     async def close(self) -> None:
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciling
         if self.gateway is not None:
             await self.gateway.aclose()
 

@@ -6,17 +6,34 @@ penalties at their defaults work; unsupported values of known fields are refused
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from faasmoe.model.sampling import SEED_MAX, SEED_MIN
+
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_LOGPROBS = 5  # completions' logprobs
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+# The types state the limits for the OpenAPI schema; the before-validators say what is wrong more clearly.
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+StopStrings = Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)]
+BATCH_OF_ONE = Field(min_length=1, max_length=1)  # OpenAI's prompt may be a batch; one prompt per request here
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what an unpaired \ud800-\udfff JSON escape decodes to
+
+
+def _no_lone_surrogates(value: Any) -> Any:
+    """Text the server tokenizes, compares or echoes must be encodable as UTF-8 (checked before parsing)."""
+    if isinstance(value, str) and _LONE_SURROGATE.search(value):
+        raise ValueError("the text holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)")
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        _no_lone_surrogates(item)
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -30,10 +47,10 @@ class _GenerationFields(BaseModel):
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = Field(None, validate_default=True)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy; any value above 0 is computed")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="the nucleus always keeps the likeliest token")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="torch.Generator's range: -2**63..2**64-1")
+    stop: Text | StopStrings | None = Field(None, validate_default=True)
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -41,11 +58,14 @@ class _GenerationFields(BaseModel):
     ignore_eos: bool = False
     return_token_ids: bool = False
 
-    @field_validator("stop")
+    _text_fields = field_validator("model", "stop", mode="before")(_no_lone_surrogates)
+
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stop_list(cls, stop: str | list[str] | None) -> list[str]:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+    def _stop_list(cls, stop: Any) -> Any:
+        """Normalised to a list; anything but a string, a list or null is left to the type's check."""
+        stops = [stop] if isinstance(stop, str) else [] if stop is None else stop
+        if isinstance(stops, list) and (len(stops) > MAX_STOP_STRINGS or any(s == "" for s in stops)):
             raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
         return stops
 
@@ -59,20 +79,22 @@ class _GenerationFields(BaseModel):
 
 
 class CompletionRequest(_GenerationFields):
-    prompt: str | TokenIds | list[str] | list[TokenIds]
+    prompt: Text | TokenIds | Annotated[list[Text], BATCH_OF_ONE] | Annotated[list[TokenIds], BATCH_OF_ONE]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: Literal[False] = False
 
-    @field_validator("prompt")
+    _text_prompt = field_validator("prompt", mode="before")(_no_lone_surrogates)
+
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, prompt: Any) -> str | list[int]:
-        """One prompt per request (a batch of one is accepted): text or token ids, not empty."""
+    def _one_prompt(cls, prompt: Any) -> Any:
+        """One prompt per request (a batch of one is unwrapped): text or token ids, not empty."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
             if len(prompt) != 1:
                 raise ValueError("one prompt per request is supported; send several requests instead")
             prompt = prompt[0]
-        if len(prompt) == 0:
+        if isinstance(prompt, str | list) and len(prompt) == 0:
             raise ValueError("the prompt is empty")
         return prompt
 
@@ -98,6 +120,8 @@ class ChatCompletionRequest(_GenerationFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    _text_messages = field_validator("messages", mode="before")(_no_lone_surrogates)
 
     @model_validator(mode="after")
     def _newer_max_tokens(self) -> ChatCompletionRequest:
@@ -143,6 +167,78 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# What the generation endpoints answer, as documented in the OpenAPI schema (completions.py builds the
+# bodies; the API fuzz test holds them to these models). token_ids and prompt_token_ids are vLLM's.
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float | None
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    prompt_token_ids: list[int] | None = None
+
+
+class ServerSentEvent(BaseModel):
+    """One event of a streamed answer: a chunk object, an error object, or [DONE] last, as JSON text."""
+
+    data: str
 
 
 def completion_id(prefix: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import uuid
 from dataclasses import dataclass, field
 
 from faasmoe.model.sampling import Sampler, SamplingParams
@@ -18,12 +19,32 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"
 
 
+class FailureKind(str, enum.Enum):
+    SEQUENCE = "sequence"  # this sequence's own work (sampling, logprobs, decoding) failed: only it ends
+    FUNCTION = "function"  # an expert function answered an error: the step's batch ends
+    FUNCTION_UNAVAILABLE = "function_unavailable"  # no replica answered (unreachable, busy) after retries
+    ENGINE = "engine"  # the step failed in the control plane itself
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a sequence ended in error, told to its tenant without internal detail (that goes to the log)."""
+
+    kind: FailureKind
+    function: str | None = None  # the failing function, for FUNCTION and FUNCTION_UNAVAILABLE
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     tenant: str
     prompt_ids: list[int]
     params: SamplingParams
     logprobs: int | None = None  # how many top alternatives to return per token (0: only the chosen one)
+    request_id: str = field(default_factory=new_request_id)  # names the request in the log and in its errors
 
 
 @dataclass(frozen=True)
@@ -34,7 +55,7 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: dict[int, float] | None = None
     finish_reason: FinishReason | None = None
-    error: str | None = None
+    failure: Failure | None = None  # set with FinishReason.ERROR
 
 
 _ids = itertools.count()

@@ -1,4 +1,8 @@
-"""`faasmoe serve`: load the platform, then serve HTTP until SIGINT/SIGTERM, then stop the engines."""
+"""`faasmoe serve`: load the platform, then serve HTTP until SIGINT/SIGTERM, then stop the engines.
+
+On either signal uvicorn stops accepting connections and lets in-flight requests finish (up to
+``shutdown_grace_s``); SIGTERM then ends the process as a normal exit (faasmoe.process.exit_on_sigterm).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,6 @@ from faasmoe.server.platform import Platform
 from faasmoe.server.settings import ServeSettings
 
 log = logging.getLogger(__name__)
-
-# Streams in flight get this long to finish on shutdown before they are cut.
-GRACEFUL_SHUTDOWN_S = 10
 
 
 def serve(settings: ServeSettings) -> None:
@@ -32,7 +33,7 @@ def serve(settings: ServeSettings) -> None:
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,  # then streams in flight are cut
         )
     finally:
         platform.stop()

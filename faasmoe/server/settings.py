@@ -1,7 +1,8 @@
 """Typed settings of the control plane (`faasmoe serve`), also read from FAASMOE_SERVE_* variables.
 
 On Kubernetes the Deployment sets these variables (deploy/control-plane.yaml); on one machine the CLI
-flags do. The gateway's credentials come from FAASMOE_SERVE_GATEWAY_BASIC_AUTH (USER:PASSWORD).
+flags do. The gateway's credentials come from FAASMOE_SERVE_GATEWAY_BASIC_AUTH (USER:PASSWORD), the key
+that opens /metrics from FAASMOE_SERVE_METRICS_KEY.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from faasmoe.planning.stack import StackSettings
 from faasmoe.server.scheduler import SchedulerSettings
 
 DEFAULT_PORT = 8000
@@ -38,9 +40,28 @@ class ServeSettings(BaseSettings):
     served_model_name: str | None = Field(None, description="the id in /v1/models; None: the model folder's name")
     default_max_tokens: int = Field(256, ge=1, description="chat completions without max_tokens")
     max_prompt_tokens: int | None = Field(None, ge=1, description="None: the model's context length")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="request bodies over this get 413")
+    metrics_key: SecretStr | None = Field(None, min_length=8, description="Bearer key opening /metrics; None: off")
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default")
     log_level: str = "info"
+    shutdown_grace_s: float = Field(10.0, ge=0, description="on SIGTERM/SIGINT, for in-flight requests to finish")
+    # Reconciliation: the control plane keeps the gateway's functions as its plan says (server/reconciler.py).
+    reconcile: bool = Field(False, description="deploy the plan's missing functions and update changed ones")
+    reconcile_interval_s: float = Field(5.0, gt=0, description="seconds between comparisons with the gateway")
+    functions: StackSettings = Field(default_factory=StackSettings, description="what reconciliation deploys")
+
+    @model_validator(mode="after")
+    def _functions_as_deploy_would(self) -> ServeSettings:
+        if self.reconcile and self.gateway is None:
+            raise ValueError("reconcile needs a gateway to deploy the functions to")
+        # As `faasmoe deploy`: functions read the plan where this control plane does, and exactness
+        # needs the trunk's thread count in every function.
+        given = self.functions.model_fields_set
+        defaults = {"weights_uri": str(self.plan.resolve()), "threads": self.threads}
+        update = {key: value for key, value in defaults.items() if key not in given and value is not None}
+        self.functions = self.functions.model_copy(update=update)
+        return self
 
     @property
     def model_name(self) -> str:

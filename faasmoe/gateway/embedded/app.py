@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException
 
-from faasmoe.errors import BadRequest
 from faasmoe.gateway.embedded.call_headers import CallHeadersMiddleware
-from faasmoe.gateway.embedded.errors import ReplicaUnavailable, UnknownFunction
+from faasmoe.gateway.embedded.errors import ERROR_STATUS, BodyTooLarge, status_of
 from faasmoe.gateway.embedded.function_routes import router as function_router
 from faasmoe.gateway.embedded.metrics import GatewayMetrics
 from faasmoe.gateway.embedded.runtime import GatewayRuntime
@@ -20,13 +20,6 @@ from faasmoe.gateway.embedded.settings import EmbeddedGatewaySettings, ensure_sa
 from faasmoe.gateway.embedded.system_routes import system_router
 
 logger = logging.getLogger(__name__)
-
-# Error -> status; bodies are plain text, as the OpenFaaS gateway writes them.
-_ERROR_STATUS: dict[type[Exception], int] = {
-    UnknownFunction: 404,
-    BadRequest: 400,
-    ReplicaUnavailable: 502,
-}
 
 
 def create_app(settings: EmbeddedGatewaySettings | None = None) -> FastAPI:
@@ -60,19 +53,46 @@ def create_app(settings: EmbeddedGatewaySettings | None = None) -> FastAPI:
     app.include_router(function_router)
     app.include_router(system_router(settings))
 
-    for error_type, status_code in _ERROR_STATUS.items():
-        app.add_exception_handler(error_type, _plain_text_handler(status_code))
+    for error_type in ERROR_STATUS:
+        app.add_exception_handler(error_type, _plain_text_handler)
     app.add_exception_handler(HTTPException, _http_exception_handler)
     return app
 
 
-def _plain_text_handler(status_code: int) -> Callable[[Request, Exception], Awaitable[PlainTextResponse]]:
-    async def handle(request: Request, exc: Exception) -> PlainTextResponse:
-        if status_code >= 500:
-            logger.warning("%s %s: %s", request.method, request.url.path, exc)
-        return PlainTextResponse(str(exc), status_code=status_code)
+def run_gateway(settings: EmbeddedGatewaySettings | None = None) -> None:
+    """Serve the gateway until SIGINT/SIGTERM; every function process is stopped before returning.
 
-    return handle
+    Raises InsecureBindError before binding if the settings are unsafe (see ensure_safe_binding).
+    """
+    settings = settings or EmbeddedGatewaySettings()
+    app = create_app(settings)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every readiness probe and forwarded request at INFO: too chatty for a gateway.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        lifespan="on",
+        # Requests held for a cold start must not delay shutdown for minutes.
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        # uvicorn re-raises Ctrl-C after its graceful shutdown: the functions are stopped by now.
+        pass
+
+
+async def _plain_text_handler(request: Request, exc: Exception) -> PlainTextResponse:
+    """Bodies are plain text, as the OpenFaaS gateway writes them."""
+    status_code = status_of(exc)
+    if status_code >= 500:
+        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+    # The rest of an over-size body is never read: the connection cannot be reused.
+    headers = {"Connection": "close"} if isinstance(exc, BodyTooLarge) else None
+    return PlainTextResponse(str(exc), status_code=status_code, headers=headers)
 
 
 async def _http_exception_handler(request: Request, exc: Exception) -> PlainTextResponse:

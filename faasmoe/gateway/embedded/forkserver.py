@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from faasmoe.gateway.embedded.errors import ReplicaUnavailable
+from faasmoe.gateway.embedded.errors import ReplicaLost, ReplicaUnavailable
 from faasmoe.parent_death import die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 # (its parent-death signal), and nobody is left to report its real exit.
 _ORPHANED = -signal.SIGTERM
 ZYGOTE_MODULE = "faasmoe.function.zygote"
+_ZYGOTE_EXITED = "the function runtime (zygote) exited"
 
 
 class ForkedProcess:
@@ -56,9 +57,11 @@ class ForkedProcess:
 class ForkServer:
     """The zygote process and its bookkeeping: spawn requests in order, exits as they are reported."""
 
-    def __init__(self, log_path: Path, startup_timeout_s: float) -> None:
+    def __init__(self, log_path: Path, startup_timeout_s: float, env: dict[str, str]) -> None:
         self.log_path = log_path
         self.startup_timeout_s = startup_timeout_s
+        # The zygote's whole environment: replicas forked from it show it as theirs in /proc/PID/environ.
+        self.env = env
         self._process: asyncio.subprocess.Process | None = None
         self._started: asyncio.Task[None] | None = None
         self._replies: asyncio.Queue[dict] = asyncio.Queue()
@@ -85,12 +88,15 @@ class ForkServer:
                 await asyncio.shield(self._started)
             except Exception as exc:
                 self._started = None  # the next spawn tries again
-                raise ReplicaUnavailable(f"the function runtime did not start: {exc}; see {self.log_path}") from exc
+                logger.error("the function runtime did not start: %r; see %s", exc, self.log_path)
+                raise ReplicaUnavailable("the function runtime did not start") from exc
             assert self._process is not None and self._process.stdin is not None
             request = {"env": env, "log": str(log_path)}
             self._process.stdin.write(json.dumps(request).encode() + b"\n")
             await self._process.stdin.drain()
             reply = await self._replies.get()
+        if reply.get("error") == _ZYGOTE_EXITED:
+            raise ReplicaLost(f"the function runtime could not fork a replica: {_ZYGOTE_EXITED}")
         if "spawned" not in reply:
             raise ReplicaUnavailable(f"the function runtime could not fork a replica: {reply.get('error', reply)}")
         child = ForkedProcess(reply["spawned"])
@@ -124,6 +130,7 @@ class ForkServer:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
+                env=self.env,
                 start_new_session=True,  # Ctrl-C reaches the gateway only, which stops replicas in order
                 preexec_fn=die_with_parent,
             )
@@ -152,7 +159,7 @@ class ForkServer:
         for child in self._children.values():
             child.exited(_ORPHANED)
         self._children.clear()
-        await self._replies.put({"error": "the function runtime (zygote) exited"})
+        await self._replies.put({"error": _ZYGOTE_EXITED})
         self._reader = None
         with contextlib.suppress(ProcessLookupError):
             await self._process.wait()

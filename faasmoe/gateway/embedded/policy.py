@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from faasmoe.errors import BadRequest
@@ -16,6 +17,8 @@ from faasmoe.gateway.schemas import (
     FunctionDeployment,
 )
 
+# An absolute path with an optional query, of RFC 3986's characters: probed on the replica's own address.
+_READY_PATH = re.compile(r"/?[A-Za-z0-9._~!$&'()*+,;=:@%/-]*(\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?")
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 
@@ -43,6 +46,8 @@ class ScalePolicy:
                 f"and {LABEL_SCALE_MAX} >= 1, got min={min_replicas} max={max_replicas}"
             )
         ready_path = deployment.annotations.get(ANNOTATION_READY_PATH, settings.ready_path)
+        if not _READY_PATH.fullmatch(ready_path):
+            raise BadRequest(f"annotation {ANNOTATION_READY_PATH}={ready_path!r} is not a URL path")
         return cls(
             min_replicas=min_replicas,
             max_replicas=max_replicas,

@@ -10,22 +10,29 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 
-from faasmoe.gateway.embedded.errors import ReplicaUnavailable
+from faasmoe.errors import FaasmoeError
+from faasmoe.gateway.embedded.errors import ReplicaLost, ReplicaUnavailable
 from faasmoe.gateway.embedded.policy import ScalePolicy
 from faasmoe.gateway.embedded.replicas import Replica, ReplicaLauncher, ReplicaState
+from faasmoe.gateway.embedded.settings import EmbeddedGatewaySettings
 from faasmoe.gateway.schemas import FunctionDeployment
 
 logger = logging.getLogger(__name__)
 
 _LIVE = (ReplicaState.STARTING, ReplicaState.READY)
+# Starts one request may wait through when a replica is killed from outside while starting.
+_LOST_RESTARTS = 1
 
 
 class FunctionPool:
     """Keeps ``desired`` replicas of one deployed function and hands them out to requests.
 
     ``desired`` is what the status calls ``replicas``; ready replicas are ``availableReplicas``.
-    A replica that died is forgotten and replaced on the next request, not in a loop, so a
-    function that crashes on start costs one attempt per request rather than a busy restart loop.
+    A replica that died after it was ready is forgotten and replaced on the next request. A replica that
+    failed to start (its shard did not load, it crashed or timed out) is final: that failure answers the
+    requests waiting for it, and every request for ``start_failure_cooldown_s`` after (or until the function
+    is updated) without starting another, so a broken function costs no restart loop. Only a replica
+    killed from outside while starting (a signal, its zygote's death) is started again for the same request.
     """
 
     def __init__(
@@ -33,8 +40,7 @@ class FunctionPool:
         deployment: FunctionDeployment,
         policy: ScalePolicy,
         launcher: ReplicaLauncher,
-        stop_grace_s: float,
-        cold_start_timeout_s: float,
+        settings: EmbeddedGatewaySettings,
     ) -> None:
         self.deployment = deployment
         self.policy = policy
@@ -44,8 +50,11 @@ class FunctionPool:
         self.in_flight = 0
         self.last_used = time.monotonic()
         self._launcher = launcher
-        self._stop_grace_s = stop_grace_s
-        self._cold_start_timeout_s = cold_start_timeout_s
+        self._stop_grace_s = settings.stop_grace_s
+        self._cold_start_timeout_s = settings.cold_start_timeout_s
+        self._failure_cooldown_s = settings.start_failure_cooldown_s
+        self._failure: FaasmoeError | None = None  # the last start failure, final until it cools down
+        self._failed_at = 0.0
         self._replicas: list[Replica] = []
         self._turn = itertools.count()
         self._background: set[asyncio.Task[None]] = set()
@@ -83,6 +92,7 @@ class FunctionPool:
     async def _acquire(self) -> Replica:
         """A ready replica, starting one (and holding the caller until it is ready) if none is."""
         deadline = time.monotonic() + self._cold_start_timeout_s
+        lost = 0
         while True:
             if self._closed:
                 raise ReplicaUnavailable(f"function {self.name!r} was deleted while the request waited")
@@ -91,6 +101,8 @@ class FunctionPool:
             if ready:
                 self.reconcile()  # replaces replicas that died, in the background
                 return self._least_loaded(ready)
+            if (failure := self.recent_failure()) is not None:
+                raise _again(failure)
             # Scale from zero; callers arriving meanwhile wait for the same starting replica.
             self.desired = max(self.desired, self.policy.clamp(1))
             self.reconcile()
@@ -102,10 +114,19 @@ class FunctionPool:
                 )
             done, _ = await asyncio.wait(starting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    # This start failed (crash, timeout): report why instead of retrying blindly.
-                    if not any(r.state is ReplicaState.READY for r in self._replicas):
-                        raise ReplicaUnavailable(str(task.exception())) from task.exception()
+                error = None if task.cancelled() else task.exception()
+                if error is None or self.ready_count():
+                    continue
+                if isinstance(error, ReplicaLost) and lost < _LOST_RESTARTS:
+                    lost += 1  # killed from outside: the next round starts another
+                    continue
+                raise _again(error)
+
+    def recent_failure(self) -> FaasmoeError | None:
+        """The last start failure while it is final (within the cooldown), else None."""
+        if self._failure is not None and time.monotonic() - self._failed_at >= self._failure_cooldown_s:
+            self._failure = None
+        return self._failure
 
     def _least_loaded(self, ready: list[Replica]) -> Replica:
         # Rotating the start makes ties (the common case) go round robin.
@@ -145,8 +166,9 @@ class FunctionPool:
     def reconcile(self) -> None:
         """Start or stop replicas until the live ones match ``desired``."""
         live = [r for r in self._replicas if r.state in _LIVE]
-        for _ in range(self.desired - len(live)):
-            self._start_replica()
+        if self.recent_failure() is None:  # a function that just failed to start is not restarted in a loop
+            for _ in range(self.desired - len(live)):
+                self._start_replica()
         surplus = len(live) - self.desired
         if surplus > 0:
             # Stop starting replicas first, then the least busy ready ones.
@@ -175,6 +197,7 @@ class FunctionPool:
         # Switch first, so a request arriving meanwhile starts a replica of the new deployment.
         self.deployment = deployment
         self.policy = policy
+        self._failure = None  # the new deployment may well start
         self.desired = policy.clamp(self.desired)
         for replica in old:
             self._stop(replica)
@@ -202,10 +225,31 @@ class FunctionPool:
     async def _bring_up(self, replica: Replica, deployment: FunctionDeployment, policy: ScalePolicy) -> None:
         try:
             await self._launcher.start(replica, deployment, policy.ready_path)
-        except BaseException:
-            if replica in self._replicas:
-                self._replicas.remove(replica)
+        except ReplicaLost:
+            self._forget(replica)
             raise
+        except FaasmoeError as exc:
+            self._forget(replica)
+            self._remember(exc, deployment)
+            raise
+        except Exception as exc:  # a bug, not the function's doing: still one failure, said plainly
+            self._forget(replica)
+            logger.exception("function %s: starting a replica failed", self.name)
+            failure = ReplicaUnavailable(f"function {self.name!r}: the gateway could not start a replica")
+            self._remember(failure, deployment)
+            raise failure from exc
+        except BaseException:  # cancelled: scaled down or deleted
+            self._forget(replica)
+            raise
+
+    def _forget(self, replica: Replica) -> None:
+        if replica in self._replicas:
+            self._replicas.remove(replica)
+
+    def _remember(self, failure: FaasmoeError, deployment: FunctionDeployment) -> None:
+        if deployment is self.deployment:  # a failure of the deployment an update replaced says nothing now
+            self._failure = failure
+            self._failed_at = time.monotonic()
 
     def _log_failed_start(self, task: asyncio.Task[None]) -> None:
         # Retrieving the exception here also keeps asyncio from warning it was never retrieved.
@@ -213,8 +257,7 @@ class FunctionPool:
             logger.error("%s", task.exception())
 
     def _stop(self, replica: Replica) -> None:
-        if replica in self._replicas:
-            self._replicas.remove(replica)
+        self._forget(replica)
         if replica.startup is not None and not replica.startup.done():
             replica.startup.cancel()  # its cleanup stops the process
             task = replica.startup
@@ -226,3 +269,8 @@ class FunctionPool:
     async def _drain_background(self) -> None:
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _again(failure: FaasmoeError) -> FaasmoeError:
+    """A fresh exception saying what ``failure`` said, for one more request (tracebacks are not shared)."""
+    return type(failure)(str(failure))

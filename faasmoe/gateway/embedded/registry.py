@@ -8,6 +8,7 @@ import re
 import time
 
 from faasmoe.errors import BadRequest
+from faasmoe.gateway.embedded.environment import check_runnable
 from faasmoe.gateway.embedded.errors import FunctionExists, UnknownFunction
 from faasmoe.gateway.embedded.policy import ScalePolicy
 from faasmoe.gateway.embedded.pool import FunctionPool
@@ -18,7 +19,7 @@ from faasmoe.gateway.schemas import FunctionDeployment, FunctionStatus
 logger = logging.getLogger(__name__)
 
 # OpenFaaS function names are DNS-1123 labels; that also keeps them safe as log file names.
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _MAX_NAME_LENGTH = 63
 
 
@@ -43,17 +44,17 @@ class FunctionRegistry:
             raise FunctionExists(
                 f"function {deployment.service!r} already exists: update it with PUT /system/functions"
             )
+        check_runnable(self.settings, deployment)
         policy = ScalePolicy.for_deployment(deployment, self.settings)
         self.launcher.prepare(deployment)
-        pool = FunctionPool(
-            deployment, policy, self.launcher, self.settings.stop_grace_s, self.settings.cold_start_timeout_s
-        )
+        pool = FunctionPool(deployment, policy, self.launcher, self.settings)
         self._pools[deployment.service] = pool
         pool.reconcile()  # starts the minimum replicas, if any
         logger.info("function %s deployed (log %s)", deployment.service, self.launcher.log_path(pool.name))
 
     async def update(self, deployment: FunctionDeployment) -> None:
         pool = self.pool(deployment.service)
+        check_runnable(self.settings, deployment)
         policy = ScalePolicy.for_deployment(deployment, self.settings)
         self.launcher.prepare(deployment)
         await pool.redeploy(deployment, policy)
@@ -118,7 +119,7 @@ class FunctionRegistry:
 
 
 def _check_name(name: str) -> None:
-    if len(name) > _MAX_NAME_LENGTH or not _NAME.match(name):
+    if len(name) > _MAX_NAME_LENGTH or not _NAME.fullmatch(name):
         raise BadRequest(
             f"invalid function name {name!r}: use lowercase letters, digits and '-', "
             f"starting and ending with a letter or digit, at most {_MAX_NAME_LENGTH} characters"

@@ -17,7 +17,8 @@ from typing import BinaryIO
 
 import httpx
 
-from faasmoe.gateway.embedded.errors import ReplicaUnavailable
+from faasmoe.gateway.embedded.environment import command_of, replica_environment
+from faasmoe.gateway.embedded.errors import FunctionFailed, ReplicaLost, ReplicaUnavailable
 from faasmoe.gateway.embedded.forkserver import ForkedProcess, ForkServer
 from faasmoe.gateway.embedded.ports import free_port
 from faasmoe.gateway.embedded.settings import EmbeddedGatewaySettings, default_function_command
@@ -28,8 +29,10 @@ logger = logging.getLogger(__name__)
 
 # How often a stopping process is checked for exit: short, since memory is freed only then.
 _EXIT_POLL_S = 0.05
-# Log lines quoted in the error when a replica dies before it is ready.
+# Log lines quoted in the gateway's log when a replica dies before it is ready.
 _LOG_TAIL_LINES = 20
+# How much of a function's load error is passed on to the caller.
+_LOAD_ERROR_CHARS = 1000
 
 
 class ReplicaState(enum.Enum):
@@ -112,30 +115,42 @@ class Replica:
         poll_interval_s: float,
         probe_timeout_s: float,
     ) -> None:
-        """Poll ``ready_path`` until it answers 200; raise ReplicaUnavailable if it dies or times out."""
+        """Poll ``ready_path`` until it answers 200.
+
+        Raises FunctionFailed at once when it answers 500 (the function cannot load), ReplicaLost if the
+        process is killed by a signal, ReplicaUnavailable if it exits by itself or times out. Messages go
+        to callers, who need not be the operator: the replica's log and its address stay in the gateway's log.
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             if self.has_exited():
                 assert self.process is not None
-                # The log tail goes to the gateway's log only: /function/* callers are not
-                # authenticated, and a function's output may hold what they must not see.
-                logger.warning("function %s: replica log ends with:\n%s", self.function, self.log_tail())
+                code = self.process.returncode
+                logger.warning(
+                    "function %s: replica log %s ends with:\n%s", self.function, self.log_path, self.log_tail()
+                )
+                if code is not None and code < 0:
+                    raise ReplicaLost(
+                        f"function {self.function!r}: replica killed by signal {-code} before it was ready"
+                    )
                 raise ReplicaUnavailable(
-                    f"function {self.function!r}: replica exited with code {self.process.returncode} "
-                    f"before it was ready; see {self.log_path}"
+                    f"function {self.function!r}: replica exited with code {code} before it was ready"
                 )
             try:
                 response = await http.get(self.url + ready_path, timeout=probe_timeout_s)
-                if response.status_code == httpx.codes.OK:
-                    self.state = ReplicaState.READY
-                    logger.info("function %s: replica pid %d ready", self.function, self.pid)
-                    return
             except httpx.HTTPError:
-                pass  # not listening yet
+                response = None  # not listening yet
+            if response is not None and response.status_code == httpx.codes.OK:
+                self.state = ReplicaState.READY
+                logger.info("function %s: replica pid %d ready", self.function, self.pid)
+                return
+            if response is not None and response.status_code == httpx.codes.INTERNAL_SERVER_ERROR:
+                raise FunctionFailed(f"function {self.function!r} failed to load: {_load_error(response)}")
             if time.monotonic() >= deadline:
+                logger.warning("function %s: replica not ready; its log: %s", self.function, self.log_path)
                 raise ReplicaUnavailable(
                     f"function {self.function!r}: replica not ready at {ready_path} within {timeout_s:g} s "
-                    f"(the cold-start timeout); log {self.log_path}"
+                    "(the cold-start timeout)"
                 )
             await asyncio.sleep(poll_interval_s)
 
@@ -190,12 +205,6 @@ class ReplicaLauncher:
     def log_path(self, function: str) -> Path:
         return self.log_dir / f"{function}.log"
 
-    def command(self, deployment: FunctionDeployment) -> list[str]:
-        # OpenFaaS's envProcess (the watchdog's fprocess) names the process to run; else the default.
-        if deployment.env_process:
-            return shlex.split(deployment.env_process)
-        return list(self.settings.function_command)
-
     def forkserver_for(self, deployment: FunctionDeployment) -> ForkServer | None:
         """The zygote that forks this function's replicas: faasmoe's function server only, and only in fork mode."""
         default = not deployment.env_process and self.settings.function_command == default_function_command()
@@ -206,24 +215,15 @@ class ReplicaLauncher:
         if (forkserver := self.forkserver_for(deployment)) is not None:
             forkserver.start()
 
-    def environment(self, deployment: FunctionDeployment, replica: Replica) -> dict[str, str]:
-        # The gateway's environment is inherited (PATH, PYTHONPATH, CUDA_*); the deployment's
-        # envVars override it, and the listen address is the gateway's to choose.
-        return {
-            **os.environ,
-            **deployment.env_vars,
-            "FAASMOE_HOST": replica.host,
-            "FAASMOE_PORT": str(replica.port),
-        }
-
     async def start(self, replica: Replica, deployment: FunctionDeployment, ready_path: str) -> None:
         """Spawn ``replica`` and wait until it is ready; on failure its process is stopped."""
+        command = command_of(self.settings, deployment)
         try:
-            environment = self.environment(deployment, replica)
+            environment = replica_environment(self.settings, deployment, replica.host, replica.port)
             if (forkserver := self.forkserver_for(deployment)) is not None:
                 await replica.fork(forkserver, environment)
             else:
-                replica.spawn(self.command(deployment), environment)
+                replica.spawn(command, environment)
             await replica.wait_ready(
                 self.http,
                 ready_path,
@@ -233,10 +233,20 @@ class ReplicaLauncher:
             )
         except OSError as exc:
             replica.state = ReplicaState.EXITED
-            raise ReplicaUnavailable(
-                f"function {deployment.service!r}: cannot run {shlex.join(self.command(deployment))}: {exc}"
-            ) from exc
+            logger.error("function %s: cannot run %s: %s", deployment.service, shlex.join(command), exc)
+            reason = exc.strerror or type(exc).__name__  # without the gateway machine's paths
+            raise ReplicaUnavailable(f"function {deployment.service!r}: cannot run its command: {reason}") from exc
         except BaseException:
             # Failed, timed out or cancelled (scaled down, deleted): leave no process behind.
             await asyncio.shield(replica.stop(self.settings.stop_grace_s))
             raise
+
+
+def _load_error(response: httpx.Response) -> str:
+    """The function's own account of its failure: faasmoe's {"status": "failed", "error": ...}, or the text."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    text = error if isinstance(error, str) else response.text
+    return text.strip()[:_LOAD_ERROR_CHARS] or "its ready path answered 500"

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 from starlette.requests import Request
 
+from faasmoe.gateway.embedded.environment import inherited
 from faasmoe.gateway.embedded.forkserver import ForkServer
 from faasmoe.gateway.embedded.metrics import GatewayMetrics
 from faasmoe.gateway.embedded.proxy import FunctionProxy
@@ -51,13 +52,15 @@ class GatewayRuntime:
         )
         forkserver = None
         if settings.function_spawn == "fork" and sys.platform == "linux":
-            forkserver = ForkServer(log_dir / "function-runtime.log", settings.cold_start_timeout_s)
+            forkserver = ForkServer(
+                log_dir / "function-runtime.log", settings.cold_start_timeout_s, inherited(settings)
+            )
         registry = FunctionRegistry(settings, ReplicaLauncher(settings, http, log_dir, forkserver))
         runtime = cls(
             settings=settings,
             http=http,
             registry=registry,
-            proxy=FunctionProxy(http, settings.upstream_connect_retries),
+            proxy=FunctionProxy(http, settings.upstream_connect_retries, settings.max_body_bytes),
             metrics=metrics,
             log_dir=log_dir,
             forkserver=forkserver,

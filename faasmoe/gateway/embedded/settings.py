@@ -17,6 +17,26 @@ from faasmoe.gateway.embedded.errors import InsecureBindError
 FunctionSpawn = Literal["fork", "exec"]
 
 
+# What a replica (and the zygote it may be forked from) inherits from the gateway's environment: what
+# Python and its libraries need to run, nothing of the gateway's own configuration (credentials included).
+DEFAULT_ENV_PASSTHROUGH = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_*",
+    "TZ",
+    "TMPDIR",
+    "VIRTUAL_ENV",
+    "PYTHONPATH",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+)
+MIB = 1 << 20
+# A 4096-token prefill of Qwen1.5-MoE (hidden 2048) in fp32 is 32 MiB of hidden states: twice that.
+DEFAULT_MAX_BODY_BYTES = 64 * MIB
+
+
 def default_function_command() -> list[str]:
     """The faasmoe function server, run by the gateway's own interpreter."""
     return [sys.executable, "-m", "faasmoe.function"]
@@ -31,6 +51,8 @@ class EmbeddedGatewaySettings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     basic_auth_user: str | None = None
     basic_auth_password: SecretStr | None = None
+    # envProcess runs a command of the deployer's choosing (and any envVars): only for trusted deployers.
+    allow_env_process: bool = Field(default=False, description="run a deployment's envProcess; needs basic auth")
 
     # Scaling defaults, overridden per function by com.openfaas.scale.* labels.
     idle_timeout_s: float = Field(default=300.0, gt=0, description="idle time before scale to zero")
@@ -48,6 +70,17 @@ class EmbeddedGatewaySettings(BaseSettings):
     ready_probe_timeout_s: float = Field(default=1.0, gt=0)
     stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM until SIGKILL")
     log_dir: Path | None = Field(default=None, description="function logs; None: a new temp dir")
+    env_passthrough: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ENV_PASSTHROUGH),
+        description="names (fnmatch patterns) of the gateway's variables that functions inherit",
+    )
+    allow_env_vars: list[str] = Field(
+        default_factory=list,
+        description="envVars names (fnmatch patterns) deployments may set beyond FAASMOE_* and thread counts",
+    )
+    # A replica that failed to start (its shard did not load, it crashed, it timed out) is not started
+    # again for every request: requests meanwhile get the same failure at once. An update clears it.
+    start_failure_cooldown_s: float = Field(default=10.0, ge=0, description="how long a start failure is final")
     reaper_interval_s: float = Field(default=1.0, gt=0, description="how often idleness is checked")
     namespace: str = "openfaas-fn"
 
@@ -58,6 +91,7 @@ class EmbeddedGatewaySettings(BaseSettings):
     upstream_max_keepalive: int = Field(default=64, ge=0)
     # A refused connection means the request never reached the function: safe to resend.
     upstream_connect_retries: int = Field(default=1, ge=0)
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1, description="larger invocations get 413")
 
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="for in-flight requests")
     log_level: str = "info"
@@ -77,8 +111,15 @@ def is_loopback(host: str) -> bool:
 
 
 def ensure_safe_binding(settings: EmbeddedGatewaySettings) -> None:
-    """Without credentials /system/* lets anyone run processes: allow that on loopback only."""
-    if settings.auth_enabled or is_loopback(settings.host):
+    """Without credentials /system/* lets anyone deploy: allow that on loopback only, and never with envProcess."""
+    if settings.auth_enabled:
+        return
+    if settings.allow_env_process:
+        raise InsecureBindError(
+            "refusing --allow-env-process without basic auth: anyone who can reach /system/* could run any "
+            "command. Set credentials (--basic-auth USER:PASSWORD or FAASMOE_GATEWAY_BASIC_AUTH_USER/_PASSWORD)."
+        )
+    if is_loopback(settings.host):
         return
     raise InsecureBindError(
         f"refusing to listen on {settings.host!r} without basic auth: /system/* would let anyone "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from importlib import metadata
 from typing import TypeVar
 
@@ -11,13 +10,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from faasmoe.errors import BadRequest
-from faasmoe.gateway.embedded.auth import basic_auth_guard
+from faasmoe.gateway.embedded.auth import basic_auth_guard, same_origin_guard
+from faasmoe.gateway.embedded.bodies import read_body
 from faasmoe.gateway.embedded.runtime import runtime_of
-from faasmoe.gateway.embedded.settings import EmbeddedGatewaySettings
+from faasmoe.gateway.embedded.settings import MIB, EmbeddedGatewaySettings
 from faasmoe.gateway.schemas import (
     DeleteFunctionRequest,
     FunctionDeployment,
-    GatewayInfo,
     ProviderInfo,
     ScaleServiceRequest,
     VersionInfo,
@@ -25,13 +24,15 @@ from faasmoe.gateway.schemas import (
 
 PROVIDER_NAME = "faasmoe-embedded"
 ORCHESTRATION = "local-processes"
+# A deployment document is a few kB; this bounds what an API call can make the gateway buffer.
+SYSTEM_BODY_LIMIT = MIB
 
 Model = TypeVar("Model", bound=BaseModel)
 
 
-async def read_body(request: Request, model: type[Model]) -> Model:
+async def read_model(request: Request, model: type[Model]) -> Model:
     """The request body as ``model``; malformed JSON or fields are a BadRequest (HTTP 400)."""
-    raw = await request.body()
+    raw = await read_body(request, SYSTEM_BODY_LIMIT)
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
@@ -49,7 +50,9 @@ def _faasmoe_release() -> str:
 
 
 def system_router(settings: EmbeddedGatewaySettings) -> APIRouter:
-    router = APIRouter(prefix="/system", dependencies=[Depends(basic_auth_guard(settings))])
+    # Credentials first (401), then where the request comes from and what it carries (403, 415).
+    guards = [Depends(basic_auth_guard(settings)), Depends(same_origin_guard(settings))]
+    router = APIRouter(prefix="/system", dependencies=guards)
 
     @router.get("/functions")
     async def list_functions(request: Request) -> JSONResponse:
@@ -57,17 +60,17 @@ def system_router(settings: EmbeddedGatewaySettings) -> APIRouter:
 
     @router.post("/functions")
     async def deploy_function(request: Request) -> Response:
-        runtime_of(request).registry.deploy(await read_body(request, FunctionDeployment))
+        runtime_of(request).registry.deploy(await read_model(request, FunctionDeployment))
         return Response(status_code=status.HTTP_202_ACCEPTED)
 
     @router.put("/functions")
     async def update_function(request: Request) -> Response:
-        await runtime_of(request).registry.update(await read_body(request, FunctionDeployment))
+        await runtime_of(request).registry.update(await read_model(request, FunctionDeployment))
         return Response(status_code=status.HTTP_202_ACCEPTED)
 
     @router.delete("/functions")
     async def delete_function(request: Request) -> Response:
-        body = await read_body(request, DeleteFunctionRequest)
+        body = await read_model(request, DeleteFunctionRequest)
         await runtime_of(request).registry.delete(body.function_name)
         return Response(status_code=status.HTTP_200_OK)
 
@@ -78,14 +81,17 @@ def system_router(settings: EmbeddedGatewaySettings) -> APIRouter:
     @router.post("/scale-function/{name}")
     async def scale_function(name: str, request: Request) -> Response:
         # The path names the function (as in current OpenFaaS); the body gives the count.
-        body = await read_body(request, ScaleServiceRequest)
+        body = await read_model(request, ScaleServiceRequest)
         runtime_of(request).registry.scale(name, body.replicas)
         return Response(status_code=status.HTTP_202_ACCEPTED)
 
     @router.get("/info")
     async def info() -> JSONResponse:
+        # faas-provider's flat ProviderInfo: what the OpenFaaS gateway reads from its provider (and wraps,
+        # with its own version and arch, in the GatewayInfo it answers), so that this can be its provider.
         version = VersionInfo(release=_faasmoe_release())
-        provider = ProviderInfo(provider=PROVIDER_NAME, orchestration=ORCHESTRATION, version=version)
-        return JSONResponse(GatewayInfo(provider=provider, version=version, arch=platform.machine()).to_wire())
+        return JSONResponse(
+            ProviderInfo(provider=PROVIDER_NAME, orchestration=ORCHESTRATION, version=version).to_wire()
+        )
 
     return router
