@@ -1,6 +1,6 @@
 """The long run: mixed multi-tenant traffic with faults for ten minutes or more, every answer checked.
 
-Usage: python benchmarks/soak.py [--duration 600] [--clients 6] [--fault-every 20] [--preset small-mixed]
+Usage: python benchmarks/soak.py [--duration 600] [--clients 6] [--fault-every 20] [--preset tiny]
 
 A random checkpoint (real hub format) is exported with 5 experts per function and served by an
 embedded gateway with generated credentials and a control plane that deploys and reconciles its plan
@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of traffic with faults")
     parser.add_argument("--clients", type=int, default=6, help="closed-loop clients")
     parser.add_argument("--fault-every", type=float, default=20.0, help="mean seconds between faults")
-    parser.add_argument("--preset", default="small-mixed", help="model preset (random weights)")
+    parser.add_argument("--preset", default="tiny", help="model preset (random weights)")
     parser.add_argument("--prompts", type=int, default=8, help="distinct prompts")
     parser.add_argument("--new-tokens", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the trunk and of each function")

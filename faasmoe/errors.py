@@ -19,3 +19,7 @@ class ShardError(FaasmoeError):
 
 class BadRequest(FaasmoeError):
     """A request body is malformed or asks for something the receiver cannot do."""
+
+
+class BodyTooLarge(FaasmoeError):
+    """A request body exceeds the receiver's limit (HTTP 413); it is not read further."""

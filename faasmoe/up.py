@@ -26,6 +26,7 @@ from faasmoe.process import ServiceProcess
 
 DEMO_TENANTS = ("alpha", "beta", "gamma")
 TENANTS_FILE = "tenants.yaml"
+METRICS_KEY_FILE = "metrics.key"  # the operator's key for /metrics, made on the first run
 GATEWAY_URL_FILE = "gateway.url"  # where tools find the gateway (/function/*; /system/* is the control plane's)
 GATEWAY_USER = "faasmoe"
 # The gateway reads its credentials from these variables: never from argv, which `ps` shows to every user.
@@ -70,12 +71,16 @@ def up(settings: UpSettings, console: Console | None = None) -> None:
         console.print(f"endpoint http://{settings.host}:{settings.port}/v1  tenants: {tenants}")
         for tenant in yaml.safe_load(tenants.read_text())["tenants"]:
             console.print(f"  tenant {tenant['name']:<8} key {tenant['api_keys'][0]}")
+        metrics_key = _metrics_key(settings.workdir / METRICS_KEY_FILE)
+        console.print(f"metrics  http://{settings.host}:{settings.port}/metrics  (Authorization: Bearer the key in "
+                      f"{settings.workdir / METRICS_KEY_FILE})")  # fmt: skip
         # The functions use the control plane's thread count, so results match in-process ones bit for bit.
         functions = StackSettings(weights_uri=str(plan_dir), threads=torch.get_num_threads(),
                                   zero_duration=settings.idle_timeout)  # fmt: skip
         serve(ServeSettings(model=model_dir, plan=plan_dir, gateway=gateway.url, tenants=tenants,
                             gateway_basic_auth=SecretStr(f"{GATEWAY_USER}:{password}"), reconcile=True,
-                            functions=functions, host=settings.host, port=settings.port))  # fmt: skip
+                            functions=functions, metrics_key=SecretStr(metrics_key), host=settings.host,
+                            port=settings.port))  # fmt: skip
 
 
 class UpProcess(ServiceProcess):
@@ -117,3 +122,10 @@ def _demo_tenants(path: Path) -> Path:
         path.write_text(yaml.safe_dump({"tenants": tenants}, sort_keys=False))
         path.chmod(0o600)
     return path
+
+
+def _metrics_key(path: Path) -> str:
+    if not path.exists():
+        path.touch(mode=0o600)  # readable by this user only, before the key is in it
+        path.write_text(secrets.token_urlsafe(24) + "\n")
+    return path.read_text().strip()

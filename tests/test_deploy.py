@@ -449,9 +449,20 @@ def test_control_plane_image_is_the_deployment_image(container):
 def function_watchdog_timeouts() -> dict[str, float]:
     """of-watchdog's timeouts in the function image (functions/expert-group/Dockerfile)."""
     text = (ROOT / "functions" / "expert-group" / "Dockerfile").read_text()
-    found = dict(re.findall(r'\b(exec_timeout|read_timeout|write_timeout)="([^"]+)"', text))
-    assert set(found) == {"exec_timeout", "read_timeout", "write_timeout"}
+    found = dict(re.findall(r'\b(exec_timeout|read_timeout|write_timeout|healthcheck_interval)="([^"]+)"', text))
+    assert set(found) == {"exec_timeout", "read_timeout", "write_timeout", "healthcheck_interval"}
     return {name: go_duration_s(value) for name, value in found.items()}
+
+
+# What Kubernetes gives a pod between SIGTERM and SIGKILL unless the pod says otherwise (OpenFaaS does not).
+KUBERNETES_TERMINATION_GRACE_S = 30.0
+
+
+def test_the_watchdog_stops_within_the_termination_grace():
+    """On SIGTERM of-watchdog waits healthcheck_interval, which defaults to write_timeout (120 s here): longer
+    than Kubernetes' grace, so the pod would be killed mid-drain. The image sets it well below."""
+    timeouts = function_watchdog_timeouts()
+    assert timeouts["healthcheck_interval"] < KUBERNETES_TERMINATION_GRACE_S / 2 < timeouts["write_timeout"]
 
 
 def test_openfaas_values():

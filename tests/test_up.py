@@ -13,7 +13,7 @@ import yaml
 
 from faasmoe.gateway.embedded.process import is_gateway
 from faasmoe.planning.plan import Plan
-from faasmoe.up import GATEWAY_PASSWORD_VARIABLE, GATEWAY_URL_FILE, GATEWAY_USER, UpProcess
+from faasmoe.up import GATEWAY_PASSWORD_VARIABLE, GATEWAY_URL_FILE, GATEWAY_USER, METRICS_KEY_FILE, UpProcess
 from tests.test_shutdown import EXIT_S, assert_all_gone
 
 
@@ -32,6 +32,11 @@ def test_up_serves_with_gateway_credentials_and_a_signal_stops_everything(tiny_f
         assert response.json()["usage"]["completion_tokens"] == 4
         printed = up.log_path.read_text()
         assert f"{up.url}/v1" in printed and key in printed
+        metrics_key = (tmp_path / METRICS_KEY_FILE).read_text().strip()
+        assert (tmp_path / METRICS_KEY_FILE).stat().st_mode & 0o077 == 0, "the metrics key is its user's alone"
+        for bearer, status in [(key, 403), (metrics_key, 200)]:
+            metrics = httpx.get(f"{up.url}/metrics", headers={"Authorization": f"Bearer {bearer}"}, trust_env=False)
+            assert metrics.status_code == status, metrics.text
 
         tree = [psutil.Process(up.pid), *up.descendants()]
         assert any("faasmoe.function" in " ".join(p.cmdline()) for p in tree), "functions were started"

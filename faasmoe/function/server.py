@@ -19,12 +19,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from faasmoe.errors import BadRequest
+from faasmoe.errors import BadRequest, BodyTooLarge
 from faasmoe.function import timeline as milestones
 from faasmoe.function.loader import LoadState, WeightsLoader
 from faasmoe.function.settings import FunctionSettings
 from faasmoe.function.stats import Counters, function_stats
 from faasmoe.function.timeline import Timeline
+from faasmoe.request_body import read_body
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +79,12 @@ class FunctionApp:
         return JSONResponse(function_stats(self.settings.function, self.loader, self.timeline, self.counters))
 
     async def invoke(self, request: Request) -> Response:
-        body = await _read_body(request, self.settings.max_body_bytes)
-        if body is None:
+        try:
+            body = await read_body(request, self.settings.max_body_bytes)
+        except BodyTooLarge as exc:
             self.counters.bad_requests += 1
             # Closing the connection: the rest of the body is not read (and a keep-alive would have to be).
-            limit_mib = self.settings.max_body_bytes / (1 << 20)
-            return _error(f"invocation body exceeds {limit_mib:g} MiB", 413, {"Connection": "close"})
+            return _error(str(exc), 413, {"Connection": "close"})
         if not await self._wait_loaded():
             self.counters.not_ready += 1
             return _error(
@@ -151,19 +152,6 @@ def serve(settings: FunctionSettings, loader: WeightsLoader, timeline: Timeline)
         timeout_keep_alive=settings.keep_alive_s,
     )
     _Server(config, on_listening=lambda: timeline.mark(milestones.LISTENING)).run()
-
-
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None once it is known to exceed ``limit`` bytes: from Content-Length before reading any."""
-    declared = request.headers.get("content-length")
-    if declared is not None and int(declared) > limit:  # the HTTP parser has validated it
-        return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:  # chunked, or longer than declared
-            return None
-    return bytes(body)
 
 
 def _error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:

@@ -6,7 +6,7 @@ a function that failed to load (500) or crashed (502) is final, and clients do n
 
 from __future__ import annotations
 
-from faasmoe.errors import BadRequest, FaasmoeError
+from faasmoe.errors import BadRequest, BodyTooLarge, FaasmoeError
 
 
 class InsecureBindError(FaasmoeError):
@@ -19,10 +19,6 @@ class UnknownFunction(FaasmoeError):
 
 class FunctionExists(BadRequest):
     """A POST deploy named a function that is already deployed (HTTP 400, as in OpenFaaS)."""
-
-
-class BodyTooLarge(FaasmoeError):
-    """A request body exceeds the gateway's limit (HTTP 413); it is not read further."""
 
 
 class UnsupportedMediaType(FaasmoeError):

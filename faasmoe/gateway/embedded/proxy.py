@@ -9,11 +9,11 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
-from faasmoe.gateway.embedded.bodies import read_body
 from faasmoe.gateway.embedded.call_headers import CALL_ID_HEADER
 from faasmoe.gateway.embedded.errors import ReplicaUnavailable
 from faasmoe.gateway.embedded.pool import FunctionPool
 from faasmoe.gateway.embedded.replicas import Replica
+from faasmoe.request_body import read_body
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from faasmoe.gateway.embedded.errors import InsecureBindError
+from faasmoe.request_body import MIB
 
 # fork: faasmoe's function server is forked from a zygote that imported it once (fast, shared memory;
 # Linux only); exec: every replica starts a new interpreter, as a container would.
@@ -32,7 +33,6 @@ DEFAULT_ENV_PASSTHROUGH = (
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
 )
-MIB = 1 << 20
 # A 4096-token prefill of Qwen1.5-MoE (hidden 2048) in fp32 is 32 MiB of hidden states: twice that.
 DEFAULT_MAX_BODY_BYTES = 64 * MIB
 

@@ -11,9 +11,8 @@ from pydantic import BaseModel, ValidationError
 
 from faasmoe.errors import BadRequest
 from faasmoe.gateway.embedded.auth import basic_auth_guard, same_origin_guard
-from faasmoe.gateway.embedded.bodies import read_body
 from faasmoe.gateway.embedded.runtime import runtime_of
-from faasmoe.gateway.embedded.settings import MIB, EmbeddedGatewaySettings
+from faasmoe.gateway.embedded.settings import EmbeddedGatewaySettings
 from faasmoe.gateway.schemas import (
     DeleteFunctionRequest,
     FunctionDeployment,
@@ -21,6 +20,7 @@ from faasmoe.gateway.schemas import (
     ScaleServiceRequest,
     VersionInfo,
 )
+from faasmoe.request_body import MIB, read_body
 
 PROVIDER_NAME = "faasmoe-embedded"
 ORCHESTRATION = "local-processes"

@@ -1,10 +1,15 @@
-"""Request bodies read up to a limit: an over-size body is refused before it is buffered."""
+"""Request bodies read up to a limit: an over-size body is refused before it is buffered.
+
+The embedded gateway (invocations, /system/*) and the function server read their bodies this way.
+"""
 
 from __future__ import annotations
 
 from starlette.requests import Request
 
-from faasmoe.gateway.embedded.errors import BodyTooLarge
+from faasmoe.errors import BodyTooLarge
+
+MIB = 1 << 20
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -21,4 +26,4 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def _too_large(limit: int) -> str:
-    return f"request body exceeds the gateway's limit of {limit} bytes"
+    return f"request body exceeds the limit of {limit} bytes"
