@@ -41,13 +41,13 @@ from faasmoe.dispatch.remote import LoopThread
 from faasmoe.experts.compute import NO_EXPERT, ExpertBatch
 from faasmoe.experts.shard import load_shard
 from faasmoe.experts.wire import CONTENT_TYPE, encode_batch
+from faasmoe.function.headers import COMPUTE_HEADER
 from faasmoe.function.invoke import Invoker
-from faasmoe.function.server import COMPUTE_HEADER
 from faasmoe.gateway.embedded.forkserver import ForkedProcess, ForkServer
-from faasmoe.gateway.embedded.ports import free_port
 from faasmoe.model.init_model import InitModelOptions, init_model
 from faasmoe.planning.export import export
 from faasmoe.planning.plan import FunctionSpec, Plan
+from faasmoe.process import free_port
 
 T = TypeVar("T")
 RESULTS = Path(__file__).resolve().parent / "results" / "function_bench.json"

@@ -10,7 +10,11 @@ from typing import Annotated
 
 import typer
 
+from faasmoe.command import BadOption, FaasmoeGroup, given, user_input
+
+# A FaasmoeError or bad settings raised by any command ends it with `error: ...` and exit code 2 (FaasmoeGroup).
 app = typer.Typer(
+    cls=FaasmoeGroup,
     help="Serverless, multi-tenant serving of Mixture-of-Experts models on OpenFaaS.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -31,11 +35,6 @@ def _main(ctx: typer.Context) -> None:
         exit_on_sigterm()
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
 @app.command("init-model")
 def init_model_command(
     out: Annotated[Path, typer.Argument(help="directory to write the checkpoint to")],
@@ -50,11 +49,8 @@ def init_model_command(
     from faasmoe.model.init_model import InitModelOptions, init_model
 
     options = InitModelOptions(preset, layers, dtype, seed, router_skew, max_shard_size)
-    try:
-        with _spinner(f"initialising {preset} model"):
-            init_model(out, options)
-    except ValueError as exc:
-        _fail(str(exc))
+    with user_input(), _spinner(f"initialising {preset} model"):
+        init_model(out, options)
     typer.echo(f"wrote {out}")
 
 
@@ -69,26 +65,22 @@ def export_command(
     """Group the routed experts into functions: plan.json, one shard per function, the trunk weights."""
     from rich.progress import Progress
 
-    from faasmoe.errors import FaasmoeError
     from faasmoe.model.checkpoint import Checkpoint
     from faasmoe.planning.export import export
     from faasmoe.planning.plan import ModelShape, Plan
 
-    try:
-        shape = ModelShape.of(Checkpoint.open(model_dir))
-        count = len(Plan.group(shape, experts_per_function, layers_per_function, prefix).functions)
-        with Progress(transient=True) as progress:
-            task = progress.add_task("writing function shards", total=count)
-            plan = export(
-                model_dir,
-                out_dir,
-                experts_per_function,
-                layers_per_function,
-                prefix,
-                on_function=lambda _: progress.advance(task),
-            )
-    except FaasmoeError as exc:
-        _fail(str(exc))
+    shape = ModelShape.of(Checkpoint.open(model_dir))
+    count = len(Plan.group(shape, experts_per_function, layers_per_function, prefix).functions)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("writing function shards", total=count)
+        plan = export(
+            model_dir,
+            out_dir,
+            experts_per_function,
+            layers_per_function,
+            prefix,
+            on_function=lambda _: progress.advance(task),
+        )
     size = sum(f.bytes for f in plan.functions)
     typer.echo(f"wrote {out_dir}: {len(plan.functions)} functions, {size / 1e6:.1f} MB of experts")
 
@@ -107,17 +99,12 @@ def generate_command(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Generate through the split path (greedy by default), in-process or through a gateway."""
-    from faasmoe.errors import FaasmoeError
-
     if (prompt is None) == (prompt_ids is None):
-        _fail("give exactly one of --prompt and --prompt-ids")
+        raise BadOption("give exactly one of --prompt and --prompt-ids")
     with tempfile.TemporaryDirectory(prefix="faasmoe-plan-") as scratch:
-        try:
-            result = _generate(
-                model, plan, Path(scratch), prompt, prompt_ids, max_new_tokens, temperature, seed, gateway, basic_auth
-            )
-        except FaasmoeError as exc:
-            _fail(str(exc))
+        result = _generate(
+            model, plan, Path(scratch), prompt, prompt_ids, max_new_tokens, temperature, seed, gateway, basic_auth
+        )
     if as_json:
         typer.echo(json.dumps(result))
     else:
@@ -127,7 +114,10 @@ def generate_command(
 def _generate(
     model, plan_dir, scratch, prompt, prompt_ids, max_new_tokens, temperature, seed, gateway, basic_auth
 ) -> dict:
-    from faasmoe.dispatch.factory import executor_factory
+    from functools import partial
+
+    from faasmoe.dispatch.executor import open_executor
+    from faasmoe.gateway.client import GatewaySettings
     from faasmoe.model.generate import generate
     from faasmoe.model.sampling import SamplingParams
     from faasmoe.model.split_model import SplitModel
@@ -137,12 +127,17 @@ def _generate(
     if plan_dir is None:
         plan_dir = scratch / "plan"
         export(model, plan_dir, experts_per_function=20)
-    split = SplitModel.load(model, plan_dir, executor_factory(gateway, basic_auth))
-    ids = split.tokenizer.encode(prompt) if prompt is not None else _parse_ids(prompt_ids, split.vocab_size)
-    loaded = time.perf_counter()
-    params = SamplingParams(max_new_tokens, temperature, seed=seed, stop_token_ids=())
-    tokens = generate(split.trunk, [ids], params)[0]
-    done = time.perf_counter()
+    with user_input():
+        settings = GatewaySettings.from_url(gateway, basic_auth) if gateway is not None else None
+    split = SplitModel.load(model, plan_dir, partial(open_executor, gateway=settings))
+    try:
+        ids = split.tokenizer.encode(prompt) if prompt is not None else _parse_ids(prompt_ids, split.vocab_size)
+        loaded = time.perf_counter()
+        params = SamplingParams(max_new_tokens, temperature, seed=seed, stop_token_ids=())
+        tokens = generate(split.trunk, [ids], params)[0]
+        done = time.perf_counter()
+    finally:
+        split.close()
     return {
         "prompt_token_ids": ids,
         "token_ids": tokens,
@@ -165,16 +160,12 @@ def stack_command(
     zero_duration: Annotated[str | None, typer.Option(help="idle time before scale to zero, e.g. 5m")] = None,
 ) -> None:
     """Write stack.yml for `faas-cli deploy`: one function per plan entry."""
-    from faasmoe.errors import FaasmoeError
     from faasmoe.planning.plan import Plan
-    from faasmoe.planning.stack import write_stack
+    from faasmoe.planning.stack import StackSettings, write_stack
 
-    try:
-        plan = Plan.load(plan_dir)
-        settings = _stack_settings(image=image, gateway=gateway, weights_uri=weights_uri, zero_duration=zero_duration)
-        write_stack(plan, out, settings)
-    except FaasmoeError as exc:
-        _fail(str(exc))
+    plan = Plan.load(plan_dir)
+    options = given(image=image, gateway=gateway, weights_uri=weights_uri, zero_duration=zero_duration)
+    write_stack(plan, out, StackSettings(**options))
     typer.echo(f"wrote {out}: {len(plan.functions)} functions")
 
 
@@ -193,34 +184,23 @@ def deploy_command(
     """Deploy (or update) every function of a plan through the gateway API, like `faas-cli deploy`."""
     import asyncio
 
-    from faasmoe.errors import FaasmoeError
     from faasmoe.gateway.client import GatewayClient, GatewaySettings
     from faasmoe.planning.deploy import deploy_plan
     from faasmoe.planning.plan import Plan
-
-    async def run() -> list[str]:
-        async with GatewayClient(GatewaySettings.from_url(gateway, basic_auth)) as client:
-            return await deploy_plan(plan, client, settings)
-
-    try:
-        plan = Plan.load(plan_dir)
-        settings = _stack_settings(
-            image=image,
-            weights_uri=weights_uri or str(plan_dir.resolve()),
-            threads=threads,
-            zero_duration=zero_duration,
-        )
-        names = asyncio.run(run())
-    except (FaasmoeError, ValueError) as exc:
-        _fail(str(exc))
-    typer.echo(f"deployed {len(names)} functions to {gateway}")
-
-
-def _stack_settings(**given):
-    """StackSettings from the options the user gave; the rest keep their defaults."""
     from faasmoe.planning.stack import StackSettings
 
-    return StackSettings(**{key: value for key, value in given.items() if value is not None})
+    async def run() -> list[str]:
+        async with GatewayClient(gateway_settings) as client:
+            return await deploy_plan(plan, client, settings)
+
+    with user_input():
+        gateway_settings = GatewaySettings.from_url(gateway, basic_auth)
+    plan = Plan.load(plan_dir)
+    weights_uri = weights_uri or str(plan_dir.resolve())
+    options = given(image=image, weights_uri=weights_uri, threads=threads, zero_duration=zero_duration)
+    settings = StackSettings(**options)
+    names = asyncio.run(run())
+    typer.echo(f"deployed {len(names)} functions to {gateway}")
 
 
 @app.command("gateway")
@@ -260,28 +240,23 @@ def gateway_command(
     """Run the embedded OpenFaaS-compatible gateway: each function a local process, scaled to and from zero."""
     import shlex
 
-    from pydantic import SecretStr, ValidationError
+    from pydantic import SecretStr
 
-    from faasmoe.errors import FaasmoeError
     from faasmoe.gateway.client import parse_basic_auth
     from faasmoe.gateway.embedded import EmbeddedGatewaySettings, run_gateway
 
-    given = dict(host=host, port=port, idle_timeout_s=idle_timeout, cold_start_timeout_s=cold_start_timeout,
-                 function_spawn=function_spawn, log_dir=log_dir, reaper_interval_s=reaper_interval,
-                 scale_to_zero_default=scale_to_zero, log_level=log_level, allow_env_vars=allow_env_var,
-                 max_body_bytes=max_body_bytes, allow_env_process=allow_env_process or None)  # fmt: skip
-    try:
+    # Options not given keep the FAASMOE_GATEWAY_* variable or the default.
+    options = given(host=host, port=port, idle_timeout_s=idle_timeout, cold_start_timeout_s=cold_start_timeout,
+                    function_spawn=function_spawn, log_dir=log_dir, reaper_interval_s=reaper_interval,
+                    scale_to_zero_default=scale_to_zero, log_level=log_level, allow_env_vars=allow_env_var,
+                    max_body_bytes=max_body_bytes, allow_env_process=allow_env_process or None)  # fmt: skip
+    with user_input():
         if function_command is not None:
-            given["function_command"] = shlex.split(function_command)
+            options["function_command"] = shlex.split(function_command)
         if basic_auth is not None:
             user, password = parse_basic_auth(basic_auth)
-            given |= {"basic_auth_user": user, "basic_auth_password": SecretStr(password)}
-        # Options not given keep the FAASMOE_GATEWAY_* variable or the default.
-        run_gateway(EmbeddedGatewaySettings(**{key: value for key, value in given.items() if value is not None}))
-    except ValidationError as exc:
-        _fail(f"bad settings:\n{exc}")
-    except (FaasmoeError, ValueError) as exc:
-        _fail(str(exc))
+            options |= {"basic_auth_user": user, "basic_auth_password": SecretStr(password)}
+    run_gateway(EmbeddedGatewaySettings(**options))
 
 
 @app.command("serve")
@@ -314,26 +289,16 @@ def serve_command(
     ] = None,
 ) -> None:
     """Serve the OpenAI-compatible multi-tenant API (options also from FAASMOE_SERVE_* variables)."""
-    from pydantic import ValidationError
-
-    from faasmoe.errors import FaasmoeError
     from faasmoe.server.serve import serve
     from faasmoe.server.settings import ServeSettings
 
-    functions = dict(image=function_image, weights_uri=function_weights_uri, threads=function_threads,
-                     zero_duration=function_zero_duration)  # fmt: skip
-    given = dict(model=model, plan=plan, tenants=tenants, gateway=gateway, gateway_basic_auth=gateway_basic_auth,
-                 host=host, port=port, mode=mode, served_model_name=served_model_name, threads=threads,
-                 reconcile=reconcile, reconcile_interval_s=reconcile_interval,
-                 functions={key: value for key, value in functions.items() if value is not None} or None)  # fmt: skip
-    given |= dict(metrics_key=metrics_key, max_body_bytes=max_body_bytes)
-    try:
-        settings = ServeSettings(**{key: value for key, value in given.items() if value is not None})
-        serve(settings)
-    except ValidationError as exc:
-        _fail(f"bad settings:\n{exc}")
-    except FaasmoeError as exc:
-        _fail(str(exc))
+    functions = given(image=function_image, weights_uri=function_weights_uri, threads=function_threads,
+                      zero_duration=function_zero_duration)  # fmt: skip
+    serve(ServeSettings(**given(model=model, plan=plan, tenants=tenants, gateway=gateway,
+                                gateway_basic_auth=gateway_basic_auth, host=host, port=port, mode=mode,
+                                served_model_name=served_model_name, threads=threads, reconcile=reconcile,
+                                reconcile_interval_s=reconcile_interval, functions=functions or None,
+                                metrics_key=metrics_key, max_body_bytes=max_body_bytes)))  # fmt: skip
 
 
 @app.command("up")
@@ -348,28 +313,20 @@ def up_command(
     workdir: Annotated[Path, typer.Option(help="models, plans, tenants and logs")] = Path(".faasmoe"),
 ) -> None:
     """The whole platform on this machine: embedded gateway, functions, control plane. Ctrl-C or SIGTERM stops all."""
-    from pydantic import ValidationError
-
-    from faasmoe.errors import FaasmoeError
     from faasmoe.up import UpSettings, up
 
-    try:
-        up(UpSettings(model=model, tenants=tenants, host=host, port=port, experts_per_function=experts_per_function,
-                      layers_per_function=layers_per_function, idle_timeout=idle_timeout, workdir=workdir))  # fmt: skip
-    except ValidationError as exc:
-        _fail(f"bad settings:\n{exc}")
-    except FaasmoeError as exc:
-        _fail(str(exc))
+    up(UpSettings(model=model, tenants=tenants, host=host, port=port, experts_per_function=experts_per_function,
+                  layers_per_function=layers_per_function, idle_timeout=idle_timeout, workdir=workdir))  # fmt: skip
 
 
 def _parse_ids(text: str, vocab_size: int) -> list[int]:
     try:
         ids = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        _fail(f"--prompt-ids must be comma-separated integers, got {text!r}")
+        raise BadOption(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if not ids or bad:
-        _fail(f"--prompt-ids must be non-empty token ids in [0, {vocab_size}); bad: {bad[:5]}")
+        raise BadOption(f"--prompt-ids must be non-empty token ids in [0, {vocab_size}); bad: {bad[:5]}")
     return ids
 
 

@@ -18,7 +18,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from faasmoe.gateway.embedded.process import is_gateway, is_zygote
+from faasmoe.gateway.embedded import is_gateway, is_zygote
 from faasmoe.memory import resident_memory
 from faasmoe.up import UpProcess
 

@@ -123,6 +123,14 @@ def stop_tree(process: subprocess.Popen[bytes], timeout_s: float) -> list[psutil
     return leftovers
 
 
+def signal_group(pid: int, signum: int) -> None:
+    """Send ``signum`` to the process group of ``pid``, a process started in its own session (helpers included)."""
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone
+
+
 def descendants_of(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, Field
 from rich.console import Console
 
-from faasmoe.gateway.embedded.process import GatewayProcess
+from faasmoe.gateway.embedded import GatewayProcess
 from faasmoe.model.init_model import InitModelOptions, init_model
 from faasmoe.planning.export import export
 from faasmoe.planning.plan import PLAN_FILE

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from faasmoe.bench.sampler import ProcessRoot, ProcessTreeSampler, RoleMemory, S
 from faasmoe.bench.settings import BenchSettings, SystemKind
 from faasmoe.bench.systems import system_specs
 from faasmoe.bench.workload import generate_trace, load_trace
+from faasmoe.process import wait_until
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RESULT_KEYS = {"system", "kind", "memory", "cpu", "requests", "functions", "cost", "window_s", "startup_s"}
@@ -132,8 +132,10 @@ def test_sampler_finds_descendants_and_counts_their_cpu() -> None:
     try:
         sampler = ProcessTreeSampler([ProcessRoot(parent.pid, "gateway", "function")], interval_s=0.2)
         sampler.start()
-        time.sleep(2.0)
+        # The child's second of busy CPU, seen by the sampler (which then also saw its 50 MB).
+        burnt = wait_until(lambda: bool(sampler.samples) and sampler.samples[-1].cpu_s.get("function", 0) > 0.5, 30)
         sampler.stop()
+        assert burnt, sampler.samples[-1:]
     finally:
         os.killpg(parent.pid, signal.SIGKILL)
         parent.wait()

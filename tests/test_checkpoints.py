@@ -7,13 +7,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import Qwen2MoeConfig, Qwen2MoeModel
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
-from faasmoe.dispatch.local import local_executor
+from faasmoe.dispatch.executor import open_executor
 from faasmoe.errors import CheckpointError, PlanError, ShardError
-from faasmoe.model.checkpoint import INDEX_FILE, Checkpoint
+from faasmoe.model.checkpoint import EXPERT_KEY, INDEX_FILE, Checkpoint, moe_layers
 from faasmoe.model.generate import generate
+from faasmoe.model.presets import PRESETS
 from faasmoe.model.sampling import SamplingParams
 from faasmoe.model.split_model import SplitModel
 from faasmoe.planning.digest import file_sha256
@@ -27,7 +31,7 @@ def test_sharded_checkpoint_with_index_loads_and_matches(tiny_sharded, tmp_path)
     index = json.loads((tiny_sharded / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 1
     export(tiny_sharded, tmp_path / "plan", 5)
-    split = SplitModel.load(tiny_sharded, tmp_path / "plan", local_executor)
+    split = SplitModel.load(tiny_sharded, tmp_path / "plan", open_executor)
     prompt = [5, 17, 200, 3, 9]
     expected = reference_greedy(load_reference(tiny_sharded), [prompt], 8)
     assert generate(split.trunk, [prompt], SamplingParams(max_new_tokens=8)) == expected
@@ -61,7 +65,7 @@ def test_no_weights_is_named(tiny_fp32, tmp_path):
 def test_plan_that_does_not_match_its_model(tiny_fp32, mixed_fp32, tmp_path):
     export(mixed_fp32, tmp_path / "plan", 4)
     with pytest.raises(PlanError, match="does not match model.*num_experts"):
-        SplitModel.load(tiny_fp32, tmp_path / "plan", local_executor)
+        SplitModel.load(tiny_fp32, tmp_path / "plan", open_executor)
     with pytest.raises(PlanError, match="plan.json is missing"):
         Plan.load(tmp_path)
 
@@ -77,7 +81,7 @@ def test_shard_missing_an_expert_is_named(tiny_fp32, tmp_path):
     function.sha256 = file_sha256(shard)  # the plan recorded this very file: its digest holds, its content does not
     plan.save(tmp_path / "plan")
     with pytest.raises(ShardError, match=f"{function.name}.*lacks expert 5 of layer 0"):
-        SplitModel.load(tiny_fp32, tmp_path / "plan", local_executor)
+        SplitModel.load(tiny_fp32, tmp_path / "plan", open_executor)
 
 
 def test_plan_groups_qwen_into_fifteen_functions_or_fewer():
@@ -106,8 +110,21 @@ def test_shape_of_a_checkpoint_is_the_shape_of_its_config(mixed_fp32):
     checkpoint = Checkpoint.open(mixed_fp32)
     shape = ModelShape.of(checkpoint)
     assert shape == ModelShape.from_config(checkpoint.config, checkpoint.dtype)
-    assert shape.moe_layers == checkpoint.moe_layers
     assert shape.dtype == "float32"
+    # small-mixed has a dense MLP in every other layer: the MoE layers are those holding routed experts.
+    holding_experts = {int(m[1]) for key in checkpoint.key_to_file if (m := EXPERT_KEY.match(key))}
+    assert shape.moe_layers == sorted(holding_experts) == [1]
+
+
+@pytest.mark.parametrize("step, mlp_only", [(1, []), (2, []), (1, [0, 3]), (3, [2])])
+def test_moe_layers_are_the_layers_transformers_builds_a_sparse_block_for(step: int, mlp_only: list[int]):
+    config = Qwen2MoeConfig(**dict(PRESETS["tiny"], num_hidden_layers=6, decoder_sparse_step=step,
+                                   mlp_only_layers=mlp_only))  # fmt: skip
+    with torch.device("meta"):
+        model = Qwen2MoeModel(config)
+    sparse = [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, Qwen2MoeSparseMoeBlock)]
+    assert moe_layers(config) == sparse
+    assert ModelShape.from_config(config).moe_layers == sparse
 
 
 def test_plan_dir_is_self_contained(tiny_fp32, tmp_path: Path):

@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+from typer.testing import CliRunner
+
+from faasmoe.cli import app
 from tests.reference import load_reference, reference_greedy
 
 
@@ -50,10 +54,27 @@ def test_generate_rejects_bad_input(tmp_path):
     assert both.returncode == 2 and "exactly one" in both.stderr
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["init-model", "{tmp}/model", "--preset", "nope"], "error: unknown preset 'nope'"),  # a ValueError of input
+        (["stack", "{tmp}/nowhere"], "error: {tmp}/nowhere is not a plan directory"),  # a FaasmoeError
+        (["deploy", "{tmp}", "--gateway", "http://127.0.0.1:9", "--basic-auth", "nopassword"], "error: basic auth"),
+        (["serve", "--mode", "bogus"], "error: bad settings:\n4 validation errors for ServeSettings"),
+    ],
+)
+def test_a_users_error_is_one_message_and_exit_code_2(tmp_path, args: list[str], says: str):
+    # In-process (the same command group `faasmoe` runs): a subprocess per case would cost seconds of imports.
+    done = CliRunner().invoke(app, [arg.format(tmp=tmp_path) for arg in args])
+    assert done.exit_code == 2, done.stderr
+    assert done.stderr.startswith(says.format(tmp=tmp_path)), done.stderr
+    assert done.stdout == ""
+
+
 def test_deploy_and_generate_through_gateway(tmp_path):
     import os
 
-    from faasmoe.gateway.embedded.process import GatewayProcess
+    from faasmoe.gateway.embedded import GatewayProcess
 
     model = tmp_path / "model"
     assert faasmoe("init-model", model, "--preset", "tiny", "--dtype", "bfloat16", "--seed", "9").returncode == 0

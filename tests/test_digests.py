@@ -19,7 +19,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from faasmoe.dispatch.local import local_executor
+from faasmoe.dispatch.executor import open_executor
 from faasmoe.errors import PlanError, ShardError
 from faasmoe.experts.shard import load_shard
 from faasmoe.function.settings import FunctionSettings
@@ -76,7 +76,7 @@ def test_flipped_shard_bytes_fail_the_in_process_load_naming_the_shard(tiny_fp32
         load_shard(shard, victim.sha256)
     assert victim.name in str(raised.value)
     with pytest.raises(ShardError, match=corruption_message("shard", shard, victim.sha256)):
-        SplitModel.load(tiny_fp32, plan_dir, local_executor)
+        SplitModel.load(tiny_fp32, plan_dir, open_executor)
 
 
 def test_flipped_trunk_bytes_fail_the_split_model_load_naming_the_trunk(tiny_fp32: Path, exported) -> None:
@@ -84,7 +84,7 @@ def test_flipped_trunk_bytes_fail_the_split_model_load_naming_the_trunk(tiny_fp3
     trunk = plan_dir / plan.trunk
     flip_tensor_bytes(trunk)
     with pytest.raises(ShardError, match=corruption_message("trunk file", trunk, plan.trunk_sha256)):
-        SplitModel.load(tiny_fp32, plan_dir, local_executor)
+        SplitModel.load(tiny_fp32, plan_dir, open_executor)
 
 
 def test_version_1_plan_loads_unverified_with_a_warning(tiny_fp32: Path, exported, caplog) -> None:
@@ -98,7 +98,7 @@ def test_version_1_plan_loads_unverified_with_a_warning(tiny_fp32: Path, exporte
 
     rewrite_plan(plan_dir, version_1)
     with caplog.at_level(logging.WARNING, logger="faasmoe.planning.plan"):
-        split = SplitModel.load(tiny_fp32, plan_dir, local_executor)
+        split = SplitModel.load(tiny_fp32, plan_dir, open_executor)
     assert "records no sha256 digests, so its shards and trunk cannot be verified" in caplog.text
     assert split.plan.version == 1 and split.plan.trunk_sha256 is None
     assert all(f.sha256 is None for f in split.plan.functions)

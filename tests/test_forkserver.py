@@ -18,8 +18,8 @@ import pytest
 
 from faasmoe.bench.sampler import ProcessRoot, ProcessTreeSampler
 from faasmoe.gateway.client import GatewayClient, GatewaySettings
+from faasmoe.gateway.embedded import GatewayProcess
 from faasmoe.gateway.embedded.forkserver import ZYGOTE_MODULE
-from faasmoe.gateway.embedded.process import GatewayProcess
 from faasmoe.model.generate import generate
 from faasmoe.model.sampling import SamplingParams
 from faasmoe.planning.deploy import deploy_plan

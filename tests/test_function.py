@@ -30,6 +30,7 @@ from faasmoe.experts.wire import CONTENT_TYPE, decode_output, encode_batch
 from faasmoe.model.presets import preset_config
 from faasmoe.planning.export import export
 from faasmoe.planning.plan import Plan
+from faasmoe.process import wait_until
 from tests.corruption import flip_tensor_bytes
 
 # The function must use the test process's intra-op thread count for bit-identical sums.
@@ -424,15 +425,29 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(start, weights_serve
     url, _gate = weights_server  # never opened: the loader thread stays blocked in its download
     process = start(FUNCTION, url, FAASMOE_LOAD_WAIT_S="1.5")
     process.wait_listening()
-    answers: list[httpx.Response] = []
-    in_flight = threading.Thread(target=lambda: answers.append(process.invoke(encode_batch(GOOD))))
-    in_flight.start()
-    time.sleep(0.3)  # the request is now waiting for the weights
-    started = time.monotonic()
-    assert process.terminate() == 0, process.log()
-    in_flight.join(timeout=EXIT_TIMEOUT_S)
-    assert answers and answers[0].status_code == 503, "the in-flight request got no answer"
+    body = encode_batch(GOOD)
+    with socket.create_connection(("127.0.0.1", process.port), timeout=10.0) as sock:
+        sock.sendall(request_head(**{"Content-Length": len(body)}) + body)
+        assert wait_until(lambda: read_by_peer(sock), START_TIMEOUT_S), "the function did not read the request"
+        # The request is now waiting for the weights.
+        started = time.monotonic()
+        assert process.terminate() == 0, process.log()
+        answer = sock.recv(1 << 16)
+    assert answer.startswith(b"HTTP/1.1 503 "), f"the in-flight request got no answer: {answer!r}"
     assert time.monotonic() - started < EXIT_TIMEOUT_S
+
+
+def read_by_peer(sock: socket.socket) -> bool:
+    """The far end of a loopback TCP connection has read all that ``sock`` sent (its receive queue is empty).
+
+    On loopback the bytes are in that queue once sendall returns, so this tells the server took the request.
+    """
+    ours, theirs = sock.getsockname()[1], sock.getpeername()[1]
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        _, local, remote, _, queues, *_ = line.split()
+        if int(local.rpartition(":")[2], 16) == theirs and int(remote.rpartition(":")[2], 16) == ours:
+            return int(queues.partition(":")[2], 16) == 0
+    return False
 
 
 def test_stats_json_is_plain(function: FunctionProcess) -> None:

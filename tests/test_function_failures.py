@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from faasmoe.gateway.embedded.process import GatewayProcess
+from faasmoe.gateway.embedded import GatewayProcess
 from faasmoe.planning.export import export
 from faasmoe.server.middleware import REQUEST_ID_HEADER
 from faasmoe.server.process import ServeProcess

@@ -22,8 +22,8 @@ import pytest
 
 from faasmoe.gateway.durations import DurationError, parse_duration
 from faasmoe.gateway.embedded import EmbeddedGatewaySettings, GatewayProcess, create_app
-from faasmoe.gateway.embedded.errors import InsecureBindError
-from faasmoe.gateway.embedded.ports import free_port
+from faasmoe.gateway.embedded.config import InsecureBindError
+from faasmoe.process import free_port
 
 ECHO_FUNCTION = Path(__file__).parent / "support" / "echo_function.py"
 AUTH = ("admin", "s3cret:with-colon")

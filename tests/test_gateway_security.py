@@ -16,9 +16,7 @@ import httpx
 import pytest
 
 from faasmoe.gateway.embedded import EmbeddedGatewaySettings, GatewayProcess, create_app
-from faasmoe.gateway.embedded.environment import matches
-from faasmoe.gateway.embedded.errors import InsecureBindError
-from faasmoe.gateway.embedded.settings import DEFAULT_ENV_PASSTHROUGH
+from faasmoe.gateway.embedded.config import DEFAULT_ENV_PASSTHROUGH, InsecureBindError, matches
 from faasmoe.process import free_port
 from tests.test_gateway_api import ECHO_FUNCTION
 

@@ -12,14 +12,15 @@ import asyncio
 import contextlib
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 
-from faasmoe.dispatch.local import local_executor
-from faasmoe.dispatch.remote import remote_executor_factory
-from faasmoe.gateway.embedded.process import GatewayProcess
+from faasmoe.dispatch.executor import open_executor
+from faasmoe.gateway.client import GatewaySettings
+from faasmoe.gateway.embedded import GatewayProcess
 from faasmoe.model.sampling import SamplingParams
 from faasmoe.model.split_model import SplitModel
 from faasmoe.planning.export import export
@@ -27,6 +28,7 @@ from faasmoe.process import free_port, wait_until
 from faasmoe.server import completions
 from faasmoe.server.api import create_app
 from faasmoe.server.engine import Engine, RequestHandle
+from faasmoe.server.generation import TextStream
 from faasmoe.server.middleware import REQUEST_ID_HEADER
 from faasmoe.server.protocol import CompletionRequest
 from faasmoe.server.sequence import Failure, FailureKind, FinishReason, GenerationRequest, TokenEvent
@@ -88,7 +90,7 @@ def tokens(events: list[TokenEvent]) -> list[int]:
 
 
 def test_a_sequence_whose_sampling_fails_ends_alone_and_its_batch_gets_exact_tokens(tiny_fp32, plan_dir, greedy):
-    model = SplitModel.load(tiny_fp32, plan_dir, local_executor)
+    model = SplitModel.load(tiny_fp32, plan_dir, open_executor)
     try:
         # logprobs over the vocabulary: its top-k raises, in this sequence's share of the step only
         failing = greedy_request("beta", PROMPTS[1], logprobs=10**6)
@@ -112,7 +114,7 @@ def test_a_failed_step_ends_its_batch_as_the_function_tiers_failure(tiny_fp32, p
             shardless = tmp_path / "shardless-plan"
             shutil.copytree(plan_dir, shardless, ignore=shutil.ignore_patterns("*.safetensors"))
             deploy(gateway, shardless)
-        model = SplitModel.load(tiny_fp32, plan_dir, remote_executor_factory(url))
+        model = SplitModel.load(tiny_fp32, plan_dir, partial(open_executor, gateway=GatewaySettings(base_url=url)))
         try:
             events = run_together(model, [greedy_request("alpha", PROMPTS[0]), greedy_request("beta", PROMPTS[1])])
         finally:
@@ -175,20 +177,16 @@ def test_an_unexpected_error_is_a_500_object_and_keeps_the_connection(platform):
         assert after.status_code == 200 and local_port(after) == local_port(failed)
 
 
-class FailingDecode:
-    """The served tokenizer, except that decoding a text holding `poison` raises."""
+def failing_on(poison: int):
+    """TextStream.add as served, except that detokenizing `poison` raises (a fault no valid request makes)."""
+    add = TextStream.add
 
-    def __init__(self, tokenizer, poison: int) -> None:
-        self.tokenizer = tokenizer
-        self.poison = poison
-
-    def __getattr__(self, name: str):
-        return getattr(self.tokenizer, name)
-
-    def decode(self, ids: list[int], **kwargs) -> str:
-        if self.poison in ids:
+    def add_or_fail(self: TextStream, token_id: int) -> str:
+        if token_id == poison:
             raise RuntimeError(f"injected decode fault in {INTERNAL_DETAIL}")
-        return self.tokenizer.decode(ids, **kwargs)
+        return add(self, token_id)
+
+    return add_or_fail
 
 
 def body(prompt: list[int], **extra) -> dict:
@@ -196,11 +194,10 @@ def body(prompt: list[int], **extra) -> dict:
             "return_token_ids": True, **extra}  # fmt: skip
 
 
-def test_a_request_whose_detokenizing_fails_fails_alone(platform, greedy):
+def test_a_request_whose_detokenizing_fails_fails_alone(platform, greedy, monkeypatch):
     poison = next(t for t in greedy[0][1:] if t not in greedy[1])  # alpha's 2nd token on, never in beta's
-    model = platform.model
-    model.tokenizer = FailingDecode(model.tokenizer, poison)
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(TextStream, "add", failing_on(poison))
         with AppServer(create_app(platform)) as server:
 
             async def together() -> tuple[httpx.Response, list[str], httpx.Response]:
@@ -220,8 +217,6 @@ def test_a_request_whose_detokenizing_fails_fails_alone(platform, greedy):
                     )  # fmt: skip
 
             whole, events, beta = asyncio.run(together())
-    finally:
-        model.tokenizer = model.tokenizer.tokenizer
     assert whole.status_code == 500 and whole.json()["error"]["code"] == "generation_failed"
     assert whole.headers[REQUEST_ID_HEADER] in whole.json()["error"]["message"]
     assert events[-1] == "data: [DONE]"

@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from faasmoe.gateway.client import GatewayClient, GatewaySettings
-from faasmoe.gateway.embedded.process import GatewayProcess
+from faasmoe.gateway.embedded import GatewayProcess
 from faasmoe.planning.deploy import deploy_plan, plan_deployments
 from faasmoe.planning.export import export
 from faasmoe.planning.plan import Plan

@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
+from functools import partial
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from faasmoe.dispatch.remote import InvocationLog, remote_executor_factory
+from faasmoe.dispatch.executor import open_executor
+from faasmoe.dispatch.remote import InvocationLog
 from faasmoe.gateway.client import GatewayClient, GatewaySettings
-from faasmoe.gateway.embedded.process import GatewayProcess
+from faasmoe.gateway.embedded import GatewayProcess
 from faasmoe.model.generate import generate
 from faasmoe.model.sampling import SamplingParams
 from faasmoe.model.split_model import SplitModel
@@ -22,6 +23,7 @@ from faasmoe.planning.deploy import deploy_plan
 from faasmoe.planning.export import export
 from faasmoe.planning.plan import Plan
 from faasmoe.planning.stack import StackSettings
+from faasmoe.process import wait_until
 from tests.conftest import TEST_THREADS
 from tests.reference import load_reference, reference_greedy, reference_logits
 
@@ -57,7 +59,8 @@ def replicas(gateway: GatewayProcess) -> dict[str, int]:
 
 
 def remote_model(model_dir: Path, plan_dir: Path, gateway: GatewayProcess, log: InvocationLog | None = None):
-    return SplitModel.load(model_dir, plan_dir, remote_executor_factory(gateway.url, log=log))
+    settings = GatewaySettings(base_url=gateway.url)
+    return SplitModel.load(model_dir, plan_dir, partial(open_executor, gateway=settings, log=log))
 
 
 @pytest.mark.parametrize(("experts_per_function", "layers_per_function"), [(5, 1), (12, 2)])
@@ -114,11 +117,16 @@ def test_cold_start_then_scale_to_zero(tiny_fp32, tmp_path, gateway):
     pids = [p.pid for p in gateway.function_processes()]
     assert pids
 
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (set(replicas(gateway).values()) != {0} or gateway.function_processes()):
-        time.sleep(0.2)
-    assert set(replicas(gateway).values()) == {0}
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+    scaled_to_zero = wait_until(lambda: set(replicas(gateway).values()) == {0} and not any(map(running, pids)), 30)
+    assert scaled_to_zero, f"replicas {replicas(gateway)}, still running: {[pid for pid in pids if running(pid)]}"
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (exited, not yet reaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_function_processes_killed_mid_generation(tiny_fp32, tmp_path, gateway):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import openai
 import pytest
 import yaml
 
-from faasmoe.gateway.embedded.process import GatewayProcess
+from faasmoe.gateway.embedded import GatewayProcess
 from faasmoe.planning.export import export
+from faasmoe.process import wait_until
 from faasmoe.server.process import ServeProcess
 from tests.conftest import TEST_THREADS
 from tests.reference import load_reference, reference_greedy
@@ -154,6 +154,24 @@ def test_streamed_tokens_equal_the_whole_response(stack: Stack):
     assert all(1 <= len(top) <= 2 for top in whole["logprobs"]["top_logprobs"])
     assert all(max(top.values()) >= chosen - 1e-6 for top, chosen in
                zip(whole["logprobs"]["top_logprobs"], whole["logprobs"]["token_logprobs"], strict=True))  # fmt: skip
+
+
+def test_a_stop_string_cuts_the_text_alike_streamed_and_whole(stack: Stack):
+    free = stack.post("/v1/completions", KEYS["gamma"], completion_body(PROMPTS[1], max_tokens=16)).json()["choices"][0]
+    text = free["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # from the middle: text on both sides of the cut
+    assert len(stop) == 3 and "\ufffd" not in stop, text
+    body = completion_body(PROMPTS[1], max_tokens=16, stop=[stop])
+    whole = stack.post("/v1/completions", KEYS["gamma"], body).json()["choices"][0]
+    assert (whole["text"], whole["finish_reason"]) == (text[: text.find(stop)], "stop")
+    assert whole["token_ids"] == free["token_ids"][: len(whole["token_ids"])] and len(whole["token_ids"]) < 16
+    headers = {"Authorization": f"Bearer {KEYS['gamma']}"}
+    url = stack.server.url + "/v1/completions"
+    with httpx.stream("POST", url, json=body | {"stream": True}, headers=headers, trust_env=False) as response:
+        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]  # fmt: skip
+    chunks = [httpx.Response(200, content=e).json()["choices"][0] for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert chunks[-1]["finish_reason"] == "stop"
 
 
 def test_auth_failures(stack: Stack):
@@ -315,22 +333,23 @@ def test_disconnected_stream_frees_its_sequence(stack: Stack):
         for _ in range(3):
             while not next(lines).startswith("data: "):
                 pass
-    deadline = time.monotonic() + 30
-    while metric(page := stack.metrics(), "faasmoe_active_sequences", engine="shared") > 0:
-        assert time.monotonic() < deadline, "the sequence was not freed"
-        time.sleep(0.2)
-    generated = metric(page, "faasmoe_tokens_total", tenant="beta", kind="completion") - before
+    freed = wait_until(lambda: metric(stack.metrics(), "faasmoe_active_sequences", engine="shared") == 0, 30)
+    assert freed, "the sequence was not freed"
+    generated = metric(stack.metrics(), "faasmoe_tokens_total", tenant="beta", kind="completion") - before
     assert 3 <= generated < 400
 
 
 def test_metrics_expose_tenant_and_function_series(stack: Stack):
+    refused = metric(stack.metrics(), "faasmoe_request_errors_total", tenant="", type="authentication_error")
+    assert stack.post("/v1/completions", "sk-not-a-real-key", completion_body(PROMPTS[0], 3)).status_code == 401
     stack.post("/v1/completions", KEYS["alpha"], completion_body(PROMPTS[0], 3))
     page = stack.metrics()
     assert metric(page, "faasmoe_requests_total", tenant="alpha", endpoint="/v1/completions", status="200") >= 1
     assert metric(page, "faasmoe_tokens_total", tenant="alpha", kind="prompt") >= len(PROMPTS[0])
     assert metric(page, "faasmoe_time_to_first_token_seconds_count", tenant="alpha") >= 1
     assert metric(page, "faasmoe_time_per_output_token_seconds_count", tenant="alpha") >= 2
-    assert metric(page, "faasmoe_request_errors_total", tenant="", type="authentication_error") >= 0
+    # Counted before the 401 is sent; no tenant: the key named none.
+    assert metric(page, "faasmoe_request_errors_total", tenant="", type="authentication_error") == refused + 1
     function = "moe-l00-e000-004"
     assert metric(page, "faasmoe_function_invocations_total", function=function) >= 1
     assert metric(page, "faasmoe_function_latency_seconds_count", function=function) >= 1

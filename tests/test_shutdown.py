@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from faasmoe.gateway.client import GatewayClient, GatewaySettings
-from faasmoe.gateway.embedded.process import GatewayProcess
+from faasmoe.gateway.embedded import GatewayProcess
 from faasmoe.planning.deploy import deploy_plan
 from faasmoe.planning.export import export
 from faasmoe.planning.plan import Plan
@@ -108,7 +108,7 @@ def test_sigterm_drains_serve_then_stops_the_gateway_and_its_functions(tiny_fp32
 PARENT = """
 import sys, time
 from pathlib import Path
-from faasmoe.gateway.embedded.process import GatewayProcess
+from faasmoe.gateway.embedded import GatewayProcess
 gateway = GatewayProcess(log_path=Path(sys.argv[1]))
 gateway.start()
 print(gateway.url, gateway.pid, flush=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faasmoe.dispatch.local import local_executor
+from faasmoe.dispatch.executor import open_executor
 from faasmoe.model.generate import generate
 from faasmoe.model.sampling import SamplingParams
 from faasmoe.model.split_model import SplitModel
@@ -25,7 +25,7 @@ def prompts_for(vocab_size: int, lengths: list[int], seed: int = 0) -> list[list
 
 def split_model(model_dir: Path, plan_dir: Path, experts_per_function: int, layers_per_function: int = 1) -> SplitModel:
     export(model_dir, plan_dir, experts_per_function, layers_per_function)
-    return SplitModel.load(model_dir, plan_dir, local_executor)
+    return SplitModel.load(model_dir, plan_dir, open_executor)
 
 
 def split_logits(split: SplitModel, prompts: list[list[int]]) -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import yaml
 
-from faasmoe.gateway.embedded.process import is_gateway
+from faasmoe.gateway.embedded import is_gateway
 from faasmoe.planning.plan import Plan
 from faasmoe.up import GATEWAY_PASSWORD_VARIABLE, GATEWAY_URL_FILE, GATEWAY_USER, METRICS_KEY_FILE, UpProcess
 from tests.test_shutdown import EXIT_S, assert_all_gone

@@ -33,7 +33,7 @@ import httpx
 import psutil
 import yaml
 
-from faasmoe.gateway.embedded.process import GatewayProcess, is_zygote
+from faasmoe.gateway.embedded import GatewayProcess, is_zygote
 from faasmoe.server.process import ServeProcess
 from faasmoe.up import GATEWAY_PASSWORD_VARIABLE, GATEWAY_USER_VARIABLE
 
@@ -78,8 +78,11 @@ class Tally:
     statuses: Counter[int] = field(default_factory=Counter)  # HTTP status of every answered request
     faults: Counter[Fault] = field(default_factory=Counter)
     examples: dict[Outcome, str] = field(default_factory=dict)  # the first of each bad outcome, for the report
+    last_fault: Fault | None = None
     last_fault_at: float | None = None  # time.monotonic()
     ok_after_last_fault: int = 0
+    # Bad outcomes by the fault injected last before them: which kind of crash costs requests.
+    bad_after: Counter[Fault] = field(default_factory=Counter)
 
     def record(self, outcome: Outcome, status: int | None, detail: str = "") -> None:
         self.outcomes[outcome] += 1
@@ -87,6 +90,8 @@ class Tally:
             self.statuses[status] += 1
         if outcome is not Outcome.OK:
             self.examples.setdefault(outcome, detail[:300])
+            if self.last_fault is not None:
+                self.bad_after[self.last_fault] += 1
         elif self.last_fault_at is not None:
             self.ok_after_last_fault += 1
 
@@ -106,6 +111,7 @@ class Tally:
             "statuses": {str(status): count for status, count in sorted(self.statuses.items())},
             "faults": {fault.value: count for fault, count in sorted(self.faults.items())},
             "ok_after_last_fault": self.ok_after_last_fault,
+            "not_ok_by_last_fault": {fault.value: count for fault, count in sorted(self.bad_after.items())},
             "examples": {outcome.value: text for outcome, text in self.examples.items()},
         }
 
@@ -230,6 +236,7 @@ class FaultInjector:
                 return False
             _kill(self.rng.choice(victims))
         self.tally.faults[fault] += 1
+        self.tally.last_fault = fault
         self.tally.last_fault_at = time.monotonic()
         self.tally.ok_after_last_fault = 0
         return True
@@ -256,12 +263,12 @@ def _kill(process: psutil.Process) -> None:
 
 def reference_probes(model_dir: Path, plan_dir: Path, prompts: list[list[int]], new_tokens: int) -> list[Probe]:
     """The greedy tokens of every prompt, computed in-process through the same split (the exact reference)."""
-    from faasmoe.dispatch.local import local_executor
+    from faasmoe.dispatch.executor import open_executor
     from faasmoe.model.generate import generate
     from faasmoe.model.sampling import SamplingParams
     from faasmoe.model.split_model import SplitModel
 
-    model = SplitModel.load(model_dir, plan_dir, local_executor)
+    model = SplitModel.load(model_dir, plan_dir, open_executor)
     try:
         outputs = generate(model.trunk, prompts, SamplingParams(new_tokens, 0.0, stop_token_ids=()))
     finally:

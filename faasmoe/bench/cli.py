@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from faasmoe.command import given, user_input
+
 Opt = typer.Option
 
 
@@ -50,17 +52,12 @@ def bench_command(
 ) -> None:
     """Measure faasmoe against the full-model baselines on a multi-tenant workload: memory, CPU, latency, cost."""
     # Flags count as given only when set to their non-default value (for the reproducing command line).
-    given = {k: v for k, v in locals().items() if v is not None}
-    given = {k: v for k, v in given.items() if (k, v) not in (("quick", False), ("progress", True))}
-    from pydantic import ValidationError
-
+    options = given(**locals())
+    options = {k: v for k, v in options.items() if (k, v) not in (("quick", False), ("progress", True))}
     from faasmoe.bench.runner import run_bench
     from faasmoe.bench.settings import BenchSettings
-    from faasmoe.errors import FaasmoeError
 
-    try:
-        out_dir = run_bench(BenchSettings(**given))
-    except (ValidationError, ValueError, FaasmoeError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
+    # A FaasmoeError or bad settings ends the command with exit code 2 (faasmoe.command.FaasmoeGroup).
+    with user_input():
+        out_dir = run_bench(BenchSettings(**options))
     typer.echo(f"results in {out_dir}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from faasmoe.gateway.embedded.process import is_zygote
+from faasmoe.gateway.embedded import is_zygote
 from faasmoe.memory import ResidentMemory, resident_memory
 
 # "runtime" is the embedded gateway's zygote: memory the functions share, not a replica of one.

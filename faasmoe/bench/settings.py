@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from faasmoe.bench.distributions import LengthDistribution
-from faasmoe.gateway.embedded.settings import FunctionSpawn
+from faasmoe.gateway.embedded.config import FunctionSpawn
 
 # AWS Lambda's public on-demand price (x86, us-east-1, first tier), per GB-second of configured memory.
 AWS_LAMBDA_PRICE_PER_GB_S = 0.0000166667

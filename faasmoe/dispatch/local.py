@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from faasmoe.dispatch.scatter import DispatchExecutor, FunctionCall
+from faasmoe.dispatch.scatter import FunctionCall
 from faasmoe.errors import ShardError
 from faasmoe.experts.compute import ExpertSet
 from faasmoe.experts.shard import load_shard
@@ -25,10 +25,6 @@ class LocalTransport:
 
     def close(self) -> None:
         """Nothing to release: the weights go with the object."""
-
-
-def local_executor(plan: Plan, plan_dir: Path) -> DispatchExecutor:
-    return DispatchExecutor(plan, LocalTransport(plan, plan_dir))
 
 
 def _load_function(plan_dir: Path, function: FunctionSpec) -> ExpertSet:

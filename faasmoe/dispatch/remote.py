@@ -1,7 +1,9 @@
 """The remote transport: one HTTP invocation per function through the OpenFaaS gateway, all in flight at once.
 
-Requests run on an asyncio loop in a background thread, so the trunk thread computes the shared
-expert while they are in flight and only waits when it needs the routed result.
+Requests run on an asyncio loop in a background thread (a GatewayConnection), so the trunk thread
+computes the shared expert while they are in flight and only waits when it needs the routed result.
+The control plane opens one connection and shares it: every engine's transport and its own gateway
+calls (/ready, metrics, the reconciler) use the one client on that loop.
 """
 
 from __future__ import annotations
@@ -9,22 +11,21 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
-from faasmoe.dispatch.executor import FunctionFailed
-from faasmoe.dispatch.scatter import DispatchExecutor, FunctionCall
+from faasmoe.dispatch.scatter import FunctionCall
 from faasmoe.errors import BadRequest
 from faasmoe.experts.wire import CONTENT_TYPE, decode_output, encode_batch
+from faasmoe.function.headers import INVOCATION_HEADER
 from faasmoe.gateway.client import GatewayClient, GatewayError, GatewaySettings
-from faasmoe.planning.plan import Plan
+from faasmoe.model.moe_block import FunctionFailed
 
-# The function server counts invocations per process; 1 means this call met a freshly started replica.
-INVOCATION_HEADER = "X-Faasmoe-Invocation"
+T = TypeVar("T")
 # Still busy or starting after the client's retries, no answer at all (None), or not deployed (404: a
 # restarted gateway, until the control plane's reconciler redeploys the plan): a later try may succeed.
 UNAVAILABLE_STATUSES = frozenset({None, 404, 429, 503})
@@ -70,25 +71,54 @@ class LoopThread:
         self.thread.join()
 
 
+class GatewayConnection:
+    """One GatewayClient on its own event loop thread, for callers on any thread or event loop.
+
+    An httpx connection pool belongs to the loop that made it, so every call runs on this one.
+    """
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self._loop = LoopThread()
+        self._client = self._loop.submit(_open_client(settings)).result()
+
+    def submit(self, call: Callable[[GatewayClient], Coroutine[Any, Any, T]]) -> Future[T]:
+        """Runs ``call(client)`` on the connection's loop; from any thread."""
+        return self._loop.submit(call(self._client))
+
+    async def run(self, call: Callable[[GatewayClient], Coroutine[Any, Any, T]]) -> T:
+        """Awaits ``call(client)`` from another event loop (the HTTP server's); cancelling it cancels the call."""
+        return await asyncio.wrap_future(self.submit(call))
+
+    def close(self) -> None:
+        """Cancels the calls still running (their futures raise CancelledError), then closes the client."""
+        self._loop.submit(_close(self._client)).result()
+        self._loop.stop()
+
+
 class RemoteTransport:
-    def __init__(self, settings: GatewaySettings, log: InvocationLog | None = None) -> None:
-        self.loop = LoopThread()
-        self.client = self.loop.submit(_make_client(settings)).result()
+    """Invokes each call's function through ``gateway``; closes the connection only if it ``owns_gateway``."""
+
+    def __init__(self, gateway: GatewayConnection, log: InvocationLog | None = None, *, owns_gateway: bool) -> None:
+        self.gateway = gateway
         self.log = log or InvocationLog()
+        self.owns_gateway = owns_gateway
 
     def send(self, calls: list[FunctionCall]) -> Future[list[torch.Tensor]]:
         bodies = [encode_batch(call.batch) for call in calls]
-        return self.loop.submit(self._send_all(calls, bodies))
+        return self.gateway.submit(lambda client: self._send_all(client, calls, bodies))
 
-    async def _send_all(self, calls: list[FunctionCall], bodies: list[bytes]) -> list[torch.Tensor]:
-        return list(await asyncio.gather(*(self._invoke(c, b) for c, b in zip(calls, bodies, strict=True))))
+    async def _send_all(
+        self, client: GatewayClient, calls: list[FunctionCall], bodies: list[bytes]
+    ) -> list[torch.Tensor]:
+        invocations = (self._invoke(client, c, b) for c, b in zip(calls, bodies, strict=True))
+        return list(await asyncio.gather(*invocations))
 
-    async def _invoke(self, call: FunctionCall, body: bytes) -> torch.Tensor:
+    async def _invoke(self, client: GatewayClient, call: FunctionCall, body: bytes) -> torch.Tensor:
         name = call.function.name
         started = time.perf_counter()
         try:
             # A 4xx/5xx (after the client's bounded retries) raises GatewayError naming the function.
-            response = await self.client.invoke(name, body, headers={"Content-Type": CONTENT_TYPE})
+            response = await client.invoke(name, body, headers={"Content-Type": CONTENT_TYPE})
             output = decode_output(response.content)
         except GatewayError as exc:
             raise FunctionFailed(name, str(exc), unavailable=exc.status in UNAVAILABLE_STATUSES) from exc
@@ -107,24 +137,19 @@ class RemoteTransport:
         return output
 
     def close(self) -> None:
-        self.loop.submit(self.client.aclose()).result()
-        self.loop.stop()
+        if self.owns_gateway:
+            self.gateway.close()
 
 
-async def _make_client(settings: GatewaySettings) -> GatewayClient:
+async def _open_client(settings: GatewaySettings) -> GatewayClient:
     # The client's connection pool belongs to the loop that creates it.
     return GatewayClient(settings)
 
 
-def remote_executor(plan: Plan, settings: GatewaySettings, log: InvocationLog | None = None) -> DispatchExecutor:
-    return DispatchExecutor(plan, RemoteTransport(settings, log))
-
-
-def remote_executor_factory(gateway_url: str, basic_auth: str | None = None, log: InvocationLog | None = None):
-    """An ExecutorFactory for SplitModel.load that reaches the plan's functions through a gateway."""
-    settings = GatewaySettings.from_url(gateway_url, basic_auth)
-
-    def make(plan: Plan, plan_dir: Path) -> DispatchExecutor:
-        return remote_executor(plan, settings, log)
-
-    return make
+async def _close(client: GatewayClient) -> None:
+    # A task left pending when the loop stops would leave its caller waiting forever.
+    running = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+    await client.aclose()

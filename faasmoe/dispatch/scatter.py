@@ -12,8 +12,8 @@ from typing import Protocol
 
 import torch
 
-from faasmoe.dispatch.executor import RoutedTokens
 from faasmoe.experts.compute import NO_EXPERT, PARTIAL_DTYPE, ExpertBatch
+from faasmoe.model.moe_block import RoutedTokens
 from faasmoe.planning.plan import FunctionSpec, Plan
 
 

@@ -67,7 +67,3 @@ def load_shard(path: Path, sha256: str | None = None) -> ExpertSet:
         raise ShardError(f"shard {path} holds no experts")
     return ExpertSet(experts, hidden_act=meta["hidden_act"])
 
-
-def shard_function_name(path: Path) -> str:
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("function", "")

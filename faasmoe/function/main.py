@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -12,6 +11,7 @@ from pydantic import ValidationError
 from faasmoe.function.loader import WeightsLoader
 from faasmoe.function.settings import FunctionSettings
 from faasmoe.function.timeline import Timeline
+from faasmoe.logs import setup_logging
 
 EXIT_BAD_SETTINGS = 2
 
@@ -34,9 +34,7 @@ def run(timeline: Timeline) -> int:
     except ValidationError as exc:
         print(f"faasmoe.function: bad settings (FAASMOE_* environment variables):\n{exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(settings.log_level)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the previous handler;
     # this handler turns that into a clean exit 0 (also if SIGTERM comes before uvicorn is up).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

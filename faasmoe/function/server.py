@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from faasmoe.errors import BadRequest, BodyTooLarge
 from faasmoe.function import timeline as milestones
+from faasmoe.function.headers import COMPUTE_HEADER, INVOCATION_HEADER, LOAD_HEADER
 from faasmoe.function.loader import LoadState, WeightsLoader
 from faasmoe.function.settings import FunctionSettings
 from faasmoe.function.stats import Counters, function_stats
@@ -28,11 +29,6 @@ from faasmoe.function.timeline import Timeline
 from faasmoe.request_body import read_body
 
 logger = logging.getLogger(__name__)
-
-# Response headers; faasmoe.dispatch.remote reads INVOCATION_HEADER ("1": this call met a fresh replica).
-INVOCATION_HEADER = "X-Faasmoe-Invocation"
-COMPUTE_HEADER = "X-Faasmoe-Compute-Seconds"
-LOAD_HEADER = "X-Faasmoe-Load-Seconds"  # process start -> weights loaded, the replica's cold start
 
 
 class FunctionApp:

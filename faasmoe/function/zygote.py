@@ -6,7 +6,7 @@ and then forks each replica, which only reads its settings and loads its own sha
 share the imported runtime's pages copy-on-write, so N replicas hold it about once, not N times.
 (Serverless platforms call this a zygote or a pre-initialised runtime.)
 
-The gateway starts it with a minimal environment (gateway/embedded/environment.py), never its own
+The gateway starts it with a minimal environment (gateway/embedded/config.py), never its own
 credentials: a forked replica sets its deployment's variables in ``os.environ``, but the kernel keeps
 showing the zygote's initial environment as the replica's /proc/PID/environ.
 

@@ -10,7 +10,6 @@ from faasmoe.gateway.schemas import (
     FunctionDeployment,
     FunctionResources,
     FunctionStatus,
-    GatewayInfo,
     ScaleServiceRequest,
 )
 
@@ -22,7 +21,6 @@ __all__ = [
     "FunctionStatus",
     "GatewayClient",
     "GatewayError",
-    "GatewayInfo",
     "GatewaySettings",
     "RetryPolicy",
     "ScaleServiceRequest",

@@ -21,14 +21,7 @@ import httpx
 from pydantic import BaseModel, Field, SecretStr
 
 from faasmoe.errors import FaasmoeError
-from faasmoe.gateway.schemas import (
-    DeleteFunctionRequest,
-    FunctionDeployment,
-    FunctionStatus,
-    GatewayInfo,
-    ProviderInfo,
-    ScaleServiceRequest,
-)
+from faasmoe.gateway.schemas import DeleteFunctionRequest, FunctionDeployment, FunctionStatus
 
 # Failures after which the request certainly did not reach the function, or the pooled
 # keep-alive connection had gone stale: safe to send again.
@@ -217,22 +210,6 @@ class GatewayClient:
         body = DeleteFunctionRequest(function_name=name).to_wire()
         response = await self._system("DELETE", "/system/functions", json=body, params=_namespace(namespace))
         self._raise_for_status(response, f"deleting function {name!r}", not_found=name)
-
-    async def scale(self, name: str, replicas: int, namespace: str | None = None) -> None:
-        body = ScaleServiceRequest(service_name=name, replicas=replicas, namespace=namespace).to_wire()
-        response = await self._system("POST", f"/system/scale-function/{quote(name, safe='')}", json=body)
-        self._raise_for_status(response, f"scaling function {name!r}", not_found=name)
-
-    async def info(self) -> GatewayInfo:
-        """The gateway's info: the OpenFaaS gateway's GatewayInfo, or a provider's flat ProviderInfo
-        (the embedded gateway is a provider) read as a GatewayInfo of that provider."""
-        response = await self._system("GET", "/system/info")
-        self._raise_for_status(response, "reading gateway info")
-        document = response.json()
-        if isinstance(document, dict) and isinstance(document.get("provider"), str):
-            provider = ProviderInfo.model_validate(document)
-            return GatewayInfo(provider=provider, version=provider.version)
-        return GatewayInfo.model_validate(document)
 
     async def healthz(self) -> bool:
         """True when the gateway answers 200 on /healthz; one try, no retries, never raises."""

@@ -113,46 +113,31 @@ class FunctionUsage(WireModel):
     total_memory_bytes: float | None = Field(default=None, alias="totalMemoryBytes")
 
 
-class FunctionStatus(WireModel):
-    """One entry of ``GET /system/functions``; the body of ``GET /system/function/{name}``."""
+class FunctionStatus(FunctionDeployment):
+    """One entry of ``GET /system/functions``; the body of ``GET /system/function/{name}``.
 
-    omit_empty: ClassVar[frozenset[str]] = frozenset(
-        {
-            "namespace",
-            "env_process",
-            "env_vars",
-            "constraints",
-            "secrets",
-            "labels",
-            "annotations",
-            "limits",
-            "requests",
-            "read_only_root_filesystem",
-            "invocation_count",
-            "replicas",
-            "available_replicas",
-            "created_at",
-            "usage",
-        }
-    )
+    The deployment as the gateway holds it, and its counts. faas-provider names the function ``name``
+    here where the deployment says ``service``: the same field under its status wire name.
+    """
 
-    name: str
-    image: str
-    namespace: str | None = None
-    env_process: str | None = Field(default=None, alias="envProcess")
-    env_vars: dict[str, str] = Field(default_factory=dict, alias="envVars")
-    constraints: list[str] = Field(default_factory=list)
-    secrets: list[str] = Field(default_factory=list)
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-    limits: FunctionResources | None = None
-    requests: FunctionResources | None = None
-    read_only_root_filesystem: bool = Field(default=False, alias="readOnlyRootFilesystem")
+    omit_empty: ClassVar[frozenset[str]] = FunctionDeployment.omit_empty | {
+        "invocation_count",
+        "replicas",
+        "available_replicas",
+        "created_at",
+        "usage",
+    }
+
+    service: str = Field(alias="name")
     invocation_count: int = Field(default=0, alias="invocationCount")
     replicas: int = 0
     available_replicas: int = Field(default=0, alias="availableReplicas")
     created_at: datetime | None = Field(default=None, alias="createdAt")
     usage: FunctionUsage | None = None
+
+    @property
+    def name(self) -> str:
+        return self.service
 
     @field_validator("invocation_count", mode="before")
     @classmethod
@@ -186,14 +171,8 @@ class VersionInfo(WireModel):
 
 
 class ProviderInfo(WireModel):
+    """Body of ``GET /system/info`` from a provider (the OpenFaaS gateway wraps it, with its own version)."""
+
     provider: str
     orchestration: str
     version: VersionInfo = Field(default_factory=VersionInfo)
-
-
-class GatewayInfo(WireModel):
-    """Body of ``GET /system/info``."""
-
-    provider: ProviderInfo
-    version: VersionInfo = Field(default_factory=VersionInfo)
-    arch: str = ""

@@ -34,6 +34,17 @@ def is_routed_expert_key(key: str) -> bool:
     return ".mlp.experts." in key
 
 
+def moe_layers(config: Qwen2MoeConfig) -> list[int]:
+    """The layers with routed experts, by transformers' Qwen2MoeDecoderLayer rule: every
+    decoder_sparse_step-th layer that mlp_only_layers does not list; the others have a dense MLP."""
+    c = config
+    return [
+        i
+        for i in range(c.num_hidden_layers)
+        if i not in c.mlp_only_layers and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
+    ]
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A checkpoint directory: its config and where each tensor lives. Tensors are read on demand."""
@@ -61,15 +72,6 @@ class Checkpoint:
     @property
     def dtype(self) -> torch.dtype:
         return self.config.dtype or torch.float32
-
-    @property
-    def moe_layers(self) -> list[int]:
-        c = self.config
-        return [
-            i
-            for i in range(c.num_hidden_layers)
-            if i not in c.mlp_only_layers and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
-        ]
 
     def trunk_keys(self) -> list[str]:
         return [k for k in self.key_to_file if not is_routed_expert_key(k)]

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from faasmoe.dispatch.executor import ExpertExecutor
 from faasmoe.model.checkpoint import Checkpoint
+from faasmoe.model.moe_block import ExpertExecutor
 from faasmoe.model.trunk import Trunk
 from faasmoe.planning.plan import Plan
 
-ExecutorFactory = Callable[[Plan, Path], ExpertExecutor]
+# Opens the executor of a checked plan (and its directory): faasmoe.dispatch.executor.open_executor.
+OpenExecutor = Callable[[Plan, Path], ExpertExecutor]
 
 
 @dataclass
@@ -26,11 +27,14 @@ class SplitModel:
     executor: ExpertExecutor
 
     @classmethod
-    def load(cls, model_dir: Path, plan_dir: Path, make_executor: ExecutorFactory) -> SplitModel:
+    def load(cls, model_dir: Path, plan_dir: Path, open_executor: OpenExecutor) -> SplitModel:
+        """Opens the executor once the plan matches the checkpoint; through functions, bind a gateway first:
+        ``SplitModel.load(model_dir, plan_dir, partial(open_executor, gateway=settings))``.
+        """
         checkpoint = Checkpoint.open(model_dir)
         plan = Plan.load(plan_dir)
         plan.check_matches(checkpoint)
-        executor = make_executor(plan, plan_dir)
+        executor = open_executor(plan, plan_dir)
         try:  # a corrupt or missing trunk must not leave the executor's connections open
             trunk = Trunk.load(checkpoint, executor, plan_dir / plan.trunk, plan.trunk_sha256)
             tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -18,11 +18,10 @@ from transformers import DynamicCache, Qwen2MoeForCausalLM
 from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeRotaryEmbedding, Qwen2MoeSparseMoeBlock
 
-from faasmoe.dispatch.executor import ExpertExecutor
 from faasmoe.errors import CheckpointError
 from faasmoe.model.attention import SequenceSlice, batched_attention
 from faasmoe.model.checkpoint import Checkpoint, is_routed_expert_key
-from faasmoe.model.moe_block import SplitMoeBlock
+from faasmoe.model.moe_block import ExpertExecutor, SplitMoeBlock
 from faasmoe.planning.digest import verify_sha256
 
 

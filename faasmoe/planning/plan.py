@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from faasmoe.errors import PlanError
-from faasmoe.model.checkpoint import Checkpoint
+from faasmoe.model.checkpoint import Checkpoint, moe_layers
 from faasmoe.planning.digest import Sha256
 
 if TYPE_CHECKING:  # transformers costs ~1.5 s to import
@@ -59,12 +59,7 @@ class ModelShape(BaseModel):
             num_experts=c.num_experts,
             num_experts_per_tok=c.num_experts_per_tok,
             dtype=str(dtype).removeprefix("torch."),
-            # Checkpoint.moe_layers' rule: every decoder_sparse_step-th layer not listed as MLP-only.
-            moe_layers=[
-                i
-                for i in range(c.num_hidden_layers)
-                if i not in c.mlp_only_layers and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
-            ],
+            moe_layers=moe_layers(c),
         )
 
 

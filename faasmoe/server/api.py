@@ -82,7 +82,7 @@ class _App(FastAPI):
 def create_app(platform: Platform) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        platform.open()  # on this event loop: the gateway client's connection pool belongs to it
+        platform.open()  # starts the reconciler, if any
         yield
         await platform.close()
 

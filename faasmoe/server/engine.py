@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 
 import torch
 
-from faasmoe.dispatch.executor import FunctionFailed
+from faasmoe.model.moe_block import FunctionFailed
 from faasmoe.model.split_model import SplitModel
 from faasmoe.server.scheduler import Scheduler, SchedulerSettings
 from faasmoe.server.sequence import Failure, FailureKind, FinishReason, GenerationRequest, Sequence, TokenEvent

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
 from faasmoe.server.engine import Engine, RequestHandle
@@ -20,8 +21,6 @@ from faasmoe.server.sequence import Failure, FailureKind, FinishReason, Generati
 from faasmoe.server.tenants import Admission
 
 log = logging.getLogger(__name__)
-
-REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for a partial multi-byte character
 
 
 class GenerationFailed(Exception):
@@ -42,40 +41,48 @@ class Delta:
 
 
 class TextStream:
-    """Incremental detokenization with stop strings."""
+    """Incremental detokenization with stop strings: linear in the sequence's length.
+
+    `tokenizers`' DecodeStream decodes a small window of recent ids at each step and yields text only
+    once it ends in a whole character, so no piece ends in part of a multi-byte character. Of that
+    text, the last (longest stop string - 1) characters are held back: they may still begin a stop
+    string that the next tokens complete.
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]) -> None:
-        self.tokenizer = tokenizer
-        self.stop = stop
-        self.token_ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already handed out
-        self.stopped = False
+        self._tokenizer = tokenizer.backend_tokenizer
+        self._decoder = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []  # for flush(): the tail DecodeStream is still waiting on
+        self._decoded = 0  # characters DecodeStream has yielded
+        self._held = ""  # decoded but not handed out: it may be the start of a stop string
         self._hold = max((len(s) for s in stop), default=1) - 1
+        self.stop = stop
+        self.stopped = False
 
     def add(self, token_id: int) -> str:
         """New final text after token_id; sets `stopped` (and cuts the text) at a stop string."""
-        self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        cut = min(
-            (i for i in (text.find(s, max(self.emitted - self._hold, 0)) for s in self.stop) if i >= 0), default=-1
-        )
-        if cut >= 0:
-            self.stopped = True
-            return self._take(text, cut)
-        end = len(text) - self._hold
-        if text.endswith(REPLACEMENT_CHAR):
-            end = min(end, len(text) - 1)
-        return self._take(text, end)
+        self._ids.append(token_id)
+        chunk = self._decoder.step(self._tokenizer, token_id)  # None while a character is incomplete
+        return self._release(chunk or "", end=False)
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        return self._take(text, len(text))
+        """The rest at the end of the sequence: held-back text and any incomplete character (as U+FFFD)."""
+        rest = self._tokenizer.decode(self._ids, skip_special_tokens=True)[self._decoded :]
+        return self._release(rest, end=True)
 
-    def _take(self, text: str, end: int) -> str:
-        if end <= self.emitted:
-            return ""
-        piece, self.emitted = text[self.emitted : end], end
-        return piece
+    def _release(self, chunk: str, end: bool) -> str:
+        # A stop string cannot start in text already handed out: it would have ended within what was
+        # decoded one step earlier, and been found then. So searching the held text and the chunk suffices.
+        self._decoded += len(chunk)
+        text = self._held + chunk
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._held = ""
+            return text[:cut]
+        keep = 0 if end else min(self._hold, len(text))
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep]
 
 
 @dataclass

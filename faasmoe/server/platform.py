@@ -6,13 +6,14 @@ with a clear message instead of failing requests later.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 
-from faasmoe.dispatch.factory import executor_factory
-from faasmoe.dispatch.remote import InvocationLog
+from faasmoe.dispatch.executor import open_executor
+from faasmoe.dispatch.remote import GatewayConnection, InvocationLog
 from faasmoe.gateway.client import GatewayClient, GatewayError, GatewaySettings
 from faasmoe.model.split_model import SplitModel
 from faasmoe.planning.plan import Plan
@@ -22,6 +23,7 @@ from faasmoe.server.reconciler import Reconciler
 from faasmoe.server.settings import ServeSettings
 from faasmoe.server.tenants import TenantRegistry
 
+log = logging.getLogger(__name__)
 READY_CHECK_TTL_S = 2.0  # /ready asks the gateway at most this often
 
 
@@ -32,9 +34,10 @@ class Platform:
     orchestrator: Orchestrator
     metrics: Metrics
     reconciler: Reconciler
+    # The one gateway client: every engine's invocations, /ready, metrics and the reconciler run on its loop.
+    gateway: GatewayConnection | None = None
     created: int = field(default_factory=lambda: int(time.time()))
-    gateway: GatewayClient | None = None  # opened on the server's event loop (connection pools are per loop)
-    _reconciling: asyncio.Task[None] | None = None
+    _reconciling: Future[None] | None = None
     _readiness: tuple[float, str | None] = (float("-inf"), None)  # (checked at, why not ready)
 
     @classmethod
@@ -42,19 +45,25 @@ class Platform:
         tenants = TenantRegistry.load(settings.tenants)
         metrics = Metrics()
         log = InvocationLog(keep=False, observers=[metrics.observe_invocation])
-        make_executor = executor_factory(settings.gateway, _basic_auth(settings), log)
+        gateway = _open_gateway(settings)
+        opener = partial(open_executor, gateway=gateway, log=log)
 
         def load_model() -> SplitModel:
-            return SplitModel.load(settings.model, settings.plan, make_executor)
+            return SplitModel.load(settings.model, settings.plan, opener)
 
-        orchestrator = Orchestrator.start(settings.mode, list(tenants.tenants), load_model, settings.scheduler)
+        try:
+            orchestrator = Orchestrator.start(settings.mode, list(tenants.tenants), load_model, settings.scheduler)
+        except BaseException:
+            if gateway is not None:
+                gateway.close()
+            raise
         for engine in orchestrator.engines.values():
             engine.step_observers.append(
                 lambda batch, seconds, name=engine.name: metrics.observe_step(name, len(batch), seconds)
             )
         functions = settings.functions if settings.reconcile else None
         reconciler = Reconciler(Plan.load(settings.plan), functions, settings.reconcile_interval_s)
-        return cls(settings, tenants, orchestrator, metrics, reconciler)
+        return cls(settings, tenants, orchestrator, metrics, reconciler, gateway)
 
     @property
     def model(self) -> SplitModel:
@@ -66,12 +75,10 @@ class Platform:
         return min(self.settings.max_prompt_tokens or context, context)
 
     def open(self) -> None:
-        """On the server's event loop: the gateway client and, if reconciling, the reconciler's task."""
-        if self.settings.gateway is None:
-            return
-        self.gateway = GatewayClient(GatewaySettings.from_url(self.settings.gateway, _basic_auth(self.settings)))
-        if self.settings.reconcile:
-            self._reconciling = asyncio.get_running_loop().create_task(self.reconciler.run(self.gateway))
+        """When the server starts: the reconciler, if reconciling (on the gateway connection's loop)."""
+        if self.gateway is not None and self.settings.reconcile:
+            self._reconciling = self.gateway.submit(self.reconciler.run)
+            self._reconciling.add_done_callback(_log_if_failed)
 
     async def not_ready(self) -> str | None:
         """Why requests cannot be served now (None when they can), checked at most every READY_CHECK_TTL_S.
@@ -83,7 +90,7 @@ class Platform:
             return None
         checked_at, reason = self._readiness
         if time.monotonic() - checked_at > READY_CHECK_TTL_S:
-            reason = await self._gateway_problem(self.gateway)
+            reason = await self.gateway.run(self._gateway_problem)
             self._readiness = (time.monotonic(), reason)
         return reason
 
@@ -98,22 +105,30 @@ class Platform:
     async def metrics_page(self) -> bytes:
         if self.gateway is not None:
             try:
-                self.metrics.set_replicas(await self.gateway.list_functions())
+                self.metrics.set_replicas(await self.gateway.run(lambda client: client.list_functions()))
             except Exception:  # metrics stay available with the gateway down; /ready reports that
                 pass
         return self.metrics.render(self.orchestrator.active_sequences())
 
     async def close(self) -> None:
+        """When the server stops: the reconciler (the connection stays open until the engines stop)."""
         if self._reconciling is not None:
             self._reconciling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconciling
-        if self.gateway is not None:
-            await self.gateway.aclose()
 
     def stop(self) -> None:
         self.orchestrator.stop()
+        if self.gateway is not None:  # after the engines: a step in flight still needs the connection
+            self.gateway.close()
 
 
-def _basic_auth(settings: ServeSettings) -> str | None:
-    return settings.gateway_basic_auth.get_secret_value() if settings.gateway_basic_auth else None
+def _log_if_failed(reconciling: Future[None]) -> None:
+    # It retries gateway errors itself: anything else ended it, and the server would not say so otherwise.
+    if not reconciling.cancelled() and reconciling.exception() is not None:
+        log.error("the reconciler stopped", exc_info=reconciling.exception())
+
+
+def _open_gateway(settings: ServeSettings) -> GatewayConnection | None:
+    if settings.gateway is None:
+        return None
+    auth = settings.gateway_basic_auth.get_secret_value() if settings.gateway_basic_auth else None
+    return GatewayConnection(GatewaySettings.from_url(settings.gateway, auth))

@@ -11,6 +11,7 @@ import logging
 import torch
 import uvicorn
 
+from faasmoe.logs import setup_logging
 from faasmoe.server.api import create_app
 from faasmoe.server.platform import Platform
 from faasmoe.server.settings import ServeSettings
@@ -20,8 +21,7 @@ log = logging.getLogger(__name__)
 
 def serve(settings: ServeSettings) -> None:
     """Raises faasmoe.errors.FaasmoeError (bad checkpoint, plan or tenants file) before listening."""
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per expert invocation is noise
+    setup_logging(settings.log_level)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     platform = Platform.load(settings)

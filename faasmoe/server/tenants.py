@@ -7,8 +7,10 @@ costs the others nothing.
 from __future__ import annotations
 
 import hmac
+import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +71,7 @@ class TenantsFile(BaseModel):
 
 @dataclass
 class _Charge:
-    at: float  # time.monotonic() of admission
+    at: float  # the tenant's clock at admission
     tokens: int  # reserved at admission (prompt + max_tokens), then what was really used
 
 
@@ -84,6 +86,7 @@ class Tenant:
     """A tenant's configuration and the live state of its quotas (touched on the event loop only)."""
 
     config: TenantConfig
+    clock: Callable[[], float] = time.monotonic
     in_flight: int = 0
     _charges: deque[_Charge] = field(default_factory=deque)  # within the last TOKEN_WINDOW_S
 
@@ -102,9 +105,8 @@ class Tenant:
             raise QuotaExceeded(f"max_tokens {max_tokens} is over tenant {self.name}'s limit of {cfg.max_tokens}", 1)
         if cfg.max_concurrent is not None and self.in_flight >= cfg.max_concurrent:
             raise QuotaExceeded(f"tenant {self.name} already has {self.in_flight} requests in flight", 1)
-        cost = prompt_tokens + max_tokens
+        cost, now = prompt_tokens + max_tokens, self.clock()
         if cfg.tokens_per_minute is not None:
-            now = time.monotonic()
             self._expire(now)
             if cost > cfg.tokens_per_minute:
                 raise QuotaExceeded(
@@ -116,8 +118,9 @@ class Tenant:
                     f"tenant {self.name} used its {cfg.tokens_per_minute} tokens per minute",
                     self._seconds_until_free(cost, now),
                 )
-        charge = _Charge(time.monotonic(), cost)
-        self._charges.append(charge)
+        charge = _Charge(now, cost)
+        if cfg.tokens_per_minute is not None:  # else nothing would ever expire it
+            self._charges.append(charge)
         self.in_flight += 1
         return Admission(self, charge)
 
@@ -133,8 +136,8 @@ class Tenant:
         excess = self._used() + cost - self.config.tokens_per_minute
         for charge in self._charges:
             excess -= charge.tokens
-            if excess <= 0:
-                return max(charge.at + TOKEN_WINDOW_S - now, 1.0)
+            if excess <= 0:  # whole seconds, rounded up: a retry after Retry-After finds the tokens free
+                return max(math.ceil(charge.at + TOKEN_WINDOW_S - now), 1)
         return TOKEN_WINDOW_S
 
 

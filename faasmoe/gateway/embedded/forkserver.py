@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from faasmoe.gateway.embedded.errors import ReplicaLost, ReplicaUnavailable
+from faasmoe.gateway.embedded.replica import ReplicaLost, ReplicaUnavailable
 from faasmoe.parent_death import die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,8 @@ _ZYGOTE_EXITED = "the function runtime (zygote) exited"
 
 
 class ForkedProcess:
-    """A replica forked by the zygote: the subset of subprocess.Popen that replicas use."""
+    """A replica forked by the zygote: ``pid`` and ``returncode`` as replicas read them, and the blocking
+    poll/wait/terminate of subprocess.Popen for synchronous callers (benchmarks/function_bench.py)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid

@@ -1,31 +1,99 @@
-"""The replicas of one function: scale from zero, spreading requests, scaling, idling to zero."""
+"""The deployed functions and their replicas: scale from zero, forwarding invocations, scaling, idling to zero.
+
+``FunctionRegistry`` holds the deployed functions (deploy, update, delete, scale, status) and runs the
+idle reaper; each function's ``FunctionPool`` keeps its replicas and forwards invocations to them;
+``ReplicaLauncher`` runs a replica (exec'd, or forked from the zygote) until it is ready.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import re
+import shlex
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import quote_from_bytes
 
-from faasmoe.errors import FaasmoeError
-from faasmoe.gateway.embedded.errors import ReplicaLost, ReplicaUnavailable
-from faasmoe.gateway.embedded.policy import ScalePolicy
-from faasmoe.gateway.embedded.replicas import Replica, ReplicaLauncher, ReplicaState
-from faasmoe.gateway.embedded.settings import EmbeddedGatewaySettings
-from faasmoe.gateway.schemas import FunctionDeployment
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response
+
+from faasmoe.errors import BadRequest, FaasmoeError
+from faasmoe.gateway.embedded.config import (
+    NAMESPACE,
+    EmbeddedGatewaySettings,
+    ScalePolicy,
+    check_runnable,
+    command_of,
+    default_function_command,
+    inherited,
+    replica_environment,
+)
+from faasmoe.gateway.embedded.forkserver import ForkServer
+from faasmoe.gateway.embedded.replica import Replica, ReplicaLost, ReplicaState, ReplicaUnavailable
+from faasmoe.gateway.schemas import FunctionDeployment, FunctionStatus
+from faasmoe.process import free_port
+from faasmoe.request_body import read_body
 
 logger = logging.getLogger(__name__)
 
+CALL_ID_HEADER = "X-Call-Id"
+# Where replicas listen: only this gateway talks to them.
+_REPLICA_HOST = "127.0.0.1"
 _LIVE = (ReplicaState.STARTING, ReplicaState.READY)
-# Starts one request may wait through when a replica is killed from outside while starting.
-_LOST_RESTARTS = 1
+# The one retry of the gateway: a request that never reached a function (a refused connection, a replica
+# that died holding it unanswered, or was killed from outside while starting) is sent once more, to a
+# fresh replica. A function that failed to load or crashed by itself is final, and not retried.
+_ATTEMPTS = 2
+# How long a broken connection waits to learn whether its replica died.
+_DEATH_GRACE_S = 0.5
+# Forwarding to replicas: connections are pooled and kept alive; a connect is quick on loopback.
+_CONNECT_TIMEOUT_S = 5.0
+_MAX_CONNECTIONS = 256
+_MAX_KEEPALIVE = 64
+# OpenFaaS function names are DNS-1123 labels; that also keeps them safe as log file names.
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_MAX_NAME_LENGTH = 63
+
+# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are not forwarded; length
+# and encoding are recomputed for the body actually sent (httpx decodes compressed bodies).
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+_NOT_RETURNED = _HOP_BY_HOP | {"content-encoding", "date", "server"}
+# What stays as it is in a forwarded path: RFC 3986's path characters and escapes; anything else is escaped.
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+
+
+class UnknownFunction(FaasmoeError):
+    """No function of that name is deployed (HTTP 404)."""
+
+
+class FunctionExists(BadRequest):
+    """A POST deploy named a function that is already deployed (HTTP 400, as in OpenFaaS)."""
 
 
 class FunctionPool:
-    """Keeps ``desired`` replicas of one deployed function and hands them out to requests.
+    """Keeps ``desired`` replicas of one deployed function and forwards invocations to them.
 
     ``desired`` is what the status calls ``replicas``; ready replicas are ``availableReplicas``.
     A replica that died after it was ready is forgotten and replaced on the next request. A replica that
@@ -50,9 +118,7 @@ class FunctionPool:
         self.in_flight = 0
         self.last_used = time.monotonic()
         self._launcher = launcher
-        self._stop_grace_s = settings.stop_grace_s
-        self._cold_start_timeout_s = settings.cold_start_timeout_s
-        self._failure_cooldown_s = settings.start_failure_cooldown_s
+        self._settings = settings
         self._failure: FaasmoeError | None = None  # the last start failure, final until it cools down
         self._failed_at = 0.0
         self._replicas: list[Replica] = []
@@ -73,6 +139,66 @@ class FunctionPool:
 
     # --- requests ---------------------------------------------------------------------------
 
+    async def forward(self, request: Request) -> Response:
+        """Send ``request`` to a ready replica and return the function's answer.
+
+        Raises BodyTooLarge (HTTP 413) before buffering an over-size body, FunctionFailed (500) when the
+        function cannot load, ReplicaUnavailable (502) when no replica answers. Messages name the function,
+        never the replica's address: that, and the cause in full, go to the gateway's log.
+        """
+        body = await read_body(request, self._settings.max_body_bytes)
+        headers = [
+            (k, v)
+            for k, v in request.headers.items()
+            if k.lower() not in _HOP_BY_HOP and k.lower() not in ("x-call-id", "x-forwarded-for")
+        ]
+        headers.append((CALL_ID_HEADER, request.state.call_id))
+        if request.client is not None:
+            forwarded = request.headers.get("x-forwarded-for")
+            client = request.client.host
+            headers.append(("X-Forwarded-For", f"{forwarded}, {client}" if forwarded else client))
+        target = upstream_target(request)
+        http = self._launcher.http
+
+        for attempt in range(_ATTEMPTS):
+            last = attempt == _ATTEMPTS - 1
+            try:
+                async with self.lease() as replica:
+                    try:
+                        url = replica.url + target
+                        upstream = await http.request(request.method, url, content=body, headers=headers)
+                    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                        # Never reached the function (the replica died or is shutting down): replace it.
+                        self.report_unreachable(replica)
+                        if last:
+                            raise self._unavailable(replica, "is unreachable", exc) from exc
+                        continue
+                    except httpx.TimeoutException as exc:
+                        raise self._unavailable(replica, "timed out", exc) from exc
+                    except httpx.TransportError as exc:
+                        # The connection broke: if the process died (killed, crashed), the request died with
+                        # it unanswered; a dying process closes its sockets just before it can be reaped.
+                        if not last and await replica.exits_within(_DEATH_GRACE_S):
+                            self.report_unreachable(replica)
+                            continue
+                        raise self._unavailable(replica, "broke the connection", exc) from exc
+                    except httpx.HTTPError as exc:
+                        raise self._unavailable(replica, "failed", exc) from exc
+            except ReplicaLost:
+                if last:
+                    raise
+                continue  # killed from outside while starting: the next attempt starts another
+            response = Response(content=upstream.content, status_code=upstream.status_code)
+            for key, value in upstream.headers.multi_items():
+                if key.lower() not in _NOT_RETURNED:
+                    response.headers.append(key, value)
+            return response
+        raise AssertionError("unreachable: the loop returns or raises on its last attempt")
+
+    def _unavailable(self, replica: Replica, what: str, cause: Exception) -> ReplicaUnavailable:
+        logger.warning("function %s: replica pid %s at %s %s: %r", self.name, replica.pid, replica.url, what, cause)
+        return ReplicaUnavailable(f"function {self.name!r} {what}")
+
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[Replica]:
         """A ready replica for one request, counted in flight (and not idle) while held."""
@@ -91,8 +217,8 @@ class FunctionPool:
 
     async def _acquire(self) -> Replica:
         """A ready replica, starting one (and holding the caller until it is ready) if none is."""
-        deadline = time.monotonic() + self._cold_start_timeout_s
-        lost = 0
+        timeout_s = self._settings.cold_start_timeout_s
+        deadline = time.monotonic() + timeout_s
         while True:
             if self._closed:
                 raise ReplicaUnavailable(f"function {self.name!r} was deleted while the request waited")
@@ -109,22 +235,16 @@ class FunctionPool:
             starting = [r.startup for r in self._replicas if r.startup and not r.startup.done()]
             remaining = deadline - time.monotonic()
             if not starting or remaining <= 0:
-                raise ReplicaUnavailable(
-                    f"function {self.name!r}: no replica ready within {self._cold_start_timeout_s:g} s"
-                )
+                raise ReplicaUnavailable(f"function {self.name!r}: no replica ready within {timeout_s:g} s")
             done, _ = await asyncio.wait(starting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 error = None if task.cancelled() else task.exception()
-                if error is None or self.ready_count():
-                    continue
-                if isinstance(error, ReplicaLost) and lost < _LOST_RESTARTS:
-                    lost += 1  # killed from outside: the next round starts another
-                    continue
-                raise _again(error)
+                if error is not None and not self.ready_count():
+                    raise _again(error)  # a ReplicaLost is retried by forward()
 
     def recent_failure(self) -> FaasmoeError | None:
         """The last start failure while it is final (within the cooldown), else None."""
-        if self._failure is not None and time.monotonic() - self._failed_at >= self._failure_cooldown_s:
+        if self._failure is not None and time.monotonic() - self._failed_at >= self._settings.start_failure_cooldown_s:
             self._failure = None
         return self._failure
 
@@ -203,7 +323,7 @@ class FunctionPool:
             self._stop(replica)
         # Old processes go before new ones start, so two sets of (possibly large) weights do
         # not coexist.
-        await self._drain_background()
+        await self.settled()
         self.reconcile()
 
     async def close(self) -> None:
@@ -212,7 +332,12 @@ class FunctionPool:
         self.desired = 0
         for replica in list(self._replicas):
             self._stop(replica)
-        await self._drain_background()
+        await self.settled()
+
+    async def settled(self) -> None:
+        """Return once every replica being stopped is gone."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     # --- internals --------------------------------------------------------------------------
 
@@ -262,15 +387,196 @@ class FunctionPool:
             replica.startup.cancel()  # its cleanup stops the process
             task = replica.startup
         else:
-            task = asyncio.create_task(replica.stop(self._stop_grace_s))
+            task = asyncio.create_task(replica.stop(self._settings.stop_grace_s))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _drain_background(self) -> None:
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
 
-
-def _again(failure: FaasmoeError) -> FaasmoeError:
+def _again(failure: BaseException) -> BaseException:
     """A fresh exception saying what ``failure`` said, for one more request (tracebacks are not shared)."""
     return type(failure)(str(failure))
+
+
+def upstream_target(request: Request) -> str:
+    """``/function/NAME/REST?QUERY`` -> ``/REST?QUERY``, percent-encoded as the caller sent it.
+
+    Forwarding the raw bytes (rather than the decoded path) is what a proxy does: the function decodes
+    its own path, and an escape such as %1F or %2F reaches it unchanged.
+    """
+    raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
+    rest = raw_path.split(b"/", 3)[3:]  # b"", b"function", NAME, REST
+    target = "/" + quote_from_bytes(rest[0] if rest else b"", safe=_PATH_SAFE)
+    query: bytes = request.scope.get("query_string", b"")
+    if query:
+        target += "?" + quote_from_bytes(query, safe=_PATH_SAFE + "?")
+    return target
+
+
+class ReplicaLauncher:
+    """Creates replicas of deployed functions: picks a port, builds the environment, spawns."""
+
+    def __init__(
+        self, settings: EmbeddedGatewaySettings, http: httpx.AsyncClient, log_dir: Path, forkserver: ForkServer | None
+    ) -> None:
+        self.settings = settings
+        self.http = http  # one pooled client for readiness probes and forwarding
+        self.log_dir = log_dir
+        self.forkserver = forkserver  # None: every replica is exec'd
+
+    def create(self, deployment: FunctionDeployment) -> Replica:
+        return Replica(deployment.service, _REPLICA_HOST, free_port(_REPLICA_HOST), self.log_path(deployment.service))
+
+    def log_path(self, function: str) -> Path:
+        return self.log_dir / f"{function}.log"
+
+    def forkserver_for(self, deployment: FunctionDeployment) -> ForkServer | None:
+        """The zygote that forks this function's replicas: faasmoe's function server only, and only in fork mode."""
+        default = not deployment.env_process and self.settings.function_command == default_function_command()
+        return self.forkserver if default else None
+
+    def prepare(self, deployment: FunctionDeployment) -> None:
+        """On deploy: start the zygote now if this function forks, so its first cold start need not import."""
+        if (forkserver := self.forkserver_for(deployment)) is not None:
+            forkserver.start()
+
+    async def start(self, replica: Replica, deployment: FunctionDeployment, ready_path: str) -> None:
+        """Spawn ``replica`` and wait until it is ready; on failure its process is stopped."""
+        command = command_of(self.settings, deployment)
+        try:
+            environment = replica_environment(self.settings, deployment, replica.host, replica.port)
+            if (forkserver := self.forkserver_for(deployment)) is not None:
+                await replica.fork(forkserver, environment)
+            else:
+                await replica.spawn(command, environment)
+            await replica.wait_ready(self.http, ready_path, self.settings.cold_start_timeout_s)
+        except OSError as exc:
+            replica.state = ReplicaState.EXITED
+            logger.error("function %s: cannot run %s: %s", deployment.service, shlex.join(command), exc)
+            reason = exc.strerror or type(exc).__name__  # without the gateway machine's paths
+            raise ReplicaUnavailable(f"function {deployment.service!r}: cannot run its command: {reason}") from exc
+        except BaseException:
+            # Failed, timed out or cancelled (scaled down, deleted): leave no process behind.
+            await asyncio.shield(replica.stop(self.settings.stop_grace_s))
+            raise
+
+
+class FunctionRegistry:
+    """The deployed functions and what runs them: deploy, update, delete, scale, status, and the idle reaper."""
+
+    def __init__(self, settings: EmbeddedGatewaySettings, launcher: ReplicaLauncher) -> None:
+        self.settings = settings
+        self.launcher = launcher
+        self._pools: dict[str, FunctionPool] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    @classmethod
+    def start(cls, settings: EmbeddedGatewaySettings) -> FunctionRegistry:
+        """An empty registry with its HTTP client and idle reaper running (call inside the event loop)."""
+        log_dir = settings.log_dir or Path(tempfile.mkdtemp(prefix="faasmoe-gateway-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.upstream_timeout_s, connect=_CONNECT_TIMEOUT_S),
+            limits=httpx.Limits(max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_KEEPALIVE),
+            # Replicas are on loopback: a proxy from the environment must not intercept them.
+            trust_env=False,
+        )
+        forkserver = None
+        if settings.function_spawn == "fork" and sys.platform == "linux":
+            runtime_log = log_dir / "function-runtime.log"
+            forkserver = ForkServer(runtime_log, settings.cold_start_timeout_s, inherited(settings))
+        registry = cls(settings, ReplicaLauncher(settings, http, log_dir, forkserver))
+        registry._reaper = asyncio.create_task(registry._run_reaper())
+        logger.info("function logs go to %s", log_dir)
+        return registry
+
+    def names(self) -> list[str]:
+        return sorted(self._pools)
+
+    def pool(self, name: str) -> FunctionPool:
+        try:
+            return self._pools[name]
+        except KeyError:
+            raise UnknownFunction(f"function {name!r} not found") from None
+
+    def deploy(self, deployment: FunctionDeployment) -> None:
+        _check_name(deployment.service)
+        if deployment.service in self._pools:
+            raise FunctionExists(
+                f"function {deployment.service!r} already exists: update it with PUT /system/functions"
+            )
+        check_runnable(self.settings, deployment)
+        policy = ScalePolicy.for_deployment(deployment, self.settings)
+        self.launcher.prepare(deployment)
+        pool = FunctionPool(deployment, policy, self.launcher, self.settings)
+        self._pools[deployment.service] = pool
+        pool.reconcile()  # starts the minimum replicas, if any
+        logger.info("function %s deployed (log %s)", deployment.service, self.launcher.log_path(pool.name))
+
+    async def update(self, deployment: FunctionDeployment) -> None:
+        pool = self.pool(deployment.service)
+        check_runnable(self.settings, deployment)
+        policy = ScalePolicy.for_deployment(deployment, self.settings)
+        self.launcher.prepare(deployment)
+        await pool.redeploy(deployment, policy)
+        logger.info("function %s updated", deployment.service)
+
+    async def delete(self, name: str) -> None:
+        pool = self.pool(name)
+        del self._pools[name]
+        await pool.close()
+        logger.info("function %s deleted", name)
+
+    def scale(self, name: str, replicas: int) -> int:
+        return self.pool(name).scale(replicas)
+
+    def status(self, name: str) -> FunctionStatus:
+        pool = self.pool(name)
+        pool.forget_exited()
+        deployment = pool.deployment
+        return FunctionStatus(
+            **dict(deployment, namespace=deployment.namespace or NAMESPACE),
+            invocation_count=pool.invocation_count,
+            replicas=pool.desired,
+            available_replicas=pool.ready_count(),
+            created_at=pool.created_at,
+        )
+
+    def statuses(self) -> list[FunctionStatus]:
+        return [self.status(name) for name in self.names()]
+
+    def reap_once(self, now: float | None = None) -> None:
+        """Forget dead replicas and scale idle functions down to their minimum."""
+        now = time.monotonic() if now is None else now
+        for pool in list(self._pools.values()):
+            pool.forget_exited()
+            pool.scale_down_if_idle(now)
+
+    async def _run_reaper(self) -> None:
+        """Loop forever (until cancelled), reaping every ``reaper_interval_s``."""
+        while True:
+            await asyncio.sleep(self.settings.reaper_interval_s)
+            try:
+                self.reap_once()
+            except Exception:  # a bug here must not end scale-to-zero for the gateway's lifetime
+                logger.exception("reaper failed")
+
+    async def close(self) -> None:
+        """Stop the reaper and every function's processes (gateway shutdown), then the zygote and HTTP client."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        pools = list(self._pools.values())
+        self._pools.clear()
+        await asyncio.gather(*(pool.close() for pool in pools), return_exceptions=True)
+        if self.launcher.forkserver is not None:
+            await self.launcher.forkserver.close()
+        await self.launcher.http.aclose()
+
+
+def _check_name(name: str) -> None:
+    if len(name) > _MAX_NAME_LENGTH or not _NAME.fullmatch(name):
+        raise BadRequest(
+            f"invalid function name {name!r}: use lowercase letters, digits and '-', "
+            f"starting and ending with a letter or digit, at most {_MAX_NAME_LENGTH} characters"
+        )
