@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, Field
 from rich.console import Console
 
+from faasmoe.gateway.durations import PositiveDuration
 from faasmoe.gateway.embedded import GatewayProcess
 from faasmoe.model.init_model import InitModelOptions, init_model
 from faasmoe.planning.export import export
@@ -44,7 +45,7 @@ class UpSettings(BaseModel):
     gateway_port: int | None = Field(None, description="None picks a free port")
     experts_per_function: int = Field(20, ge=1)
     layers_per_function: int = Field(1, ge=1)
-    idle_timeout: str = Field("60s", description="functions scale to zero after this long idle")
+    idle_timeout: PositiveDuration = Field("60s", description="functions scale to zero after this long idle")
     workdir: Path = Path(".faasmoe")
     default_preset: str = "qwen1.5-bench"  # the real per-layer shapes, shallow, small vocabulary
 

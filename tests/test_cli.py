@@ -61,6 +61,8 @@ def test_generate_rejects_bad_input(tmp_path):
         (["stack", "{tmp}/nowhere"], "error: {tmp}/nowhere is not a plan directory"),  # a FaasmoeError
         (["deploy", "{tmp}", "--gateway", "http://127.0.0.1:9", "--basic-auth", "nopassword"], "error: basic auth"),
         (["serve", "--mode", "bogus"], "error: bad settings:\n4 validation errors for ServeSettings"),
+        # Refused before anything is built or started, not when the first function is deployed.
+        (["up", "--idle-timeout", "soon", "--workdir", "{tmp}/up"], "error: bad settings:\n1 validation error for Up"),
     ],
 )
 def test_a_users_error_is_one_message_and_exit_code_2(tmp_path, args: list[str], says: str):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from faasmoe.errors import FaasmoeError
 
@@ -48,3 +51,17 @@ def parse_duration(text: str) -> float:
             "e.g. '30s', '5m', '1m30s' or '500ms'"
         )
     return total
+
+
+def _positive_duration(text: str) -> str:
+    try:
+        seconds = parse_duration(text)
+    except DurationError as exc:
+        raise ValueError(str(exc)) from None
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r} must be positive")
+    return text
+
+
+# A setting holding a positive Go duration, checked where it is given rather than where a label is read.
+PositiveDuration = Annotated[str, AfterValidator(_positive_duration)]

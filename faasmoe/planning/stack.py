@@ -17,6 +17,8 @@ import torch
 import yaml
 from pydantic import BaseModel, Field
 
+from faasmoe.gateway.durations import PositiveDuration
+
 # The OpenFaaS labels, spelled once for stack.yml, `faasmoe deploy` and the embedded gateway. Pro/Edge
 # understand scale.zero*; Community Edition ignores them and caps replicas at 5 (docs/openfaas.md).
 from faasmoe.gateway.schemas import (
@@ -65,7 +67,7 @@ class StackSettings(BaseModel):
     scale_min: int = Field(default=0, ge=0)
     scale_max: int = Field(default=5, ge=1)
     scale_zero: bool = True
-    zero_duration: str = "5m"
+    zero_duration: PositiveDuration = "5m"
     base_memory_mib: int = Field(default=BASE_MEMORY_MIB, ge=0)
     memory_headroom: float = Field(default=MEMORY_HEADROOM, ge=1.0)
     cpu_limit: str | None = Field(default=None, description='e.g. "2"; None leaves CPU unlimited')
