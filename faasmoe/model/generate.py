@@ -18,7 +18,7 @@ def generate(trunk: Trunk, prompts: list[list[int]], params: SamplingParams) -> 
         for i, row in zip(active, logits, strict=True):
             token = samplers[i](row)
             outputs[i].append(token)
-            if token not in params.stop_token_ids and len(outputs[i]) < params.max_new_tokens:
+            if params.finish(token, len(outputs[i])) is None:
                 sequences[i].new_tokens = [token]
                 still.append(i)
         active = still

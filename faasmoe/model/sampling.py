@@ -25,6 +25,17 @@ class SamplingParams:
     seed: int | None = None  # SEED_MIN..SEED_MAX
     stop_token_ids: tuple[int, ...] = ()
 
+    def finish(self, token: int, produced: int) -> str | None:
+        """Why a sequence ends at ``token``, its ``produced``-th output: "stop", "length", or None (it goes on).
+
+        A stop token counts as an output token, as OpenAI counts it.
+        """
+        if token in self.stop_token_ids:
+            return "stop"
+        if produced >= self.max_new_tokens:
+            return "length"
+        return None
+
 
 class Sampler:
     def __init__(self, params: SamplingParams) -> None:

@@ -122,12 +122,8 @@ class Engine:
         """Samples seq's next token and emits it; a failure here ends seq alone."""
         try:
             token = seq.sampler(logits)
-            params = seq.request.params
-            finish = None
-            if token in params.stop_token_ids:
-                finish = FinishReason.STOP
-            elif len(seq.output) + 1 >= params.max_new_tokens:
-                finish = FinishReason.LENGTH
+            reason = seq.request.params.finish(token, len(seq.output) + 1)
+            finish = FinishReason(reason) if reason else None
             event = _token_event(token, logits, seq.request.logprobs, finish)
         except Exception:
             log.exception("request %s: choosing its next token failed", seq.request.request_id)
