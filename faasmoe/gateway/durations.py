@@ -53,13 +53,19 @@ def parse_duration(text: str) -> float:
     return total
 
 
+def parse_positive_duration(text: str) -> float:
+    """Seconds in a Go duration that must be positive (a timeout, an idle time); raises DurationError."""
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise DurationError(f"duration {text!r} must be positive")
+    return seconds
+
+
 def _positive_duration(text: str) -> str:
     try:
-        seconds = parse_duration(text)
+        parse_positive_duration(text)
     except DurationError as exc:
         raise ValueError(str(exc)) from None
-    if seconds <= 0:
-        raise ValueError(f"duration {text!r} must be positive")
     return text
 
 

@@ -29,7 +29,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from faasmoe.errors import BadRequest, FaasmoeError
-from faasmoe.gateway.durations import DurationError, parse_duration
+from faasmoe.gateway.durations import DurationError, parse_positive_duration
 from faasmoe.gateway.schemas import (
     ANNOTATION_READY_PATH,
     LABEL_SCALE_MAX,
@@ -222,12 +222,9 @@ def _duration_label(labels: dict[str, str], key: str, default_s: float) -> float
     if key not in labels:
         return default_s
     try:
-        seconds = parse_duration(labels[key])
+        return parse_positive_duration(labels[key])
     except DurationError as exc:
         raise BadRequest(f"label {key}: {exc}") from None
-    if seconds <= 0:
-        raise BadRequest(f"label {key}={labels[key]!r} must be a positive duration")
-    return seconds
 
 
 # --- what a function process runs with ----------------------------------------------------------
