@@ -16,7 +16,6 @@ from faasmoe.dispatch.executor import open_executor
 from faasmoe.dispatch.remote import GatewayConnection, InvocationLog
 from faasmoe.gateway.client import GatewayClient, GatewayError, GatewaySettings
 from faasmoe.model.split_model import SplitModel
-from faasmoe.planning.plan import Plan
 from faasmoe.server.metrics import Metrics
 from faasmoe.server.orchestrator import Orchestrator
 from faasmoe.server.reconciler import Reconciler
@@ -62,7 +61,7 @@ class Platform:
                 lambda batch, seconds, name=engine.name: metrics.observe_step(name, len(batch), seconds)
             )
         functions = settings.functions if settings.reconcile else None
-        reconciler = Reconciler(Plan.load(settings.plan), functions, settings.reconcile_interval_s)
+        reconciler = Reconciler(orchestrator.model.plan, functions, settings.reconcile_interval_s)
         return cls(settings, tenants, orchestrator, metrics, reconciler, gateway)
 
     @property
