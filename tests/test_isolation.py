@@ -27,11 +27,11 @@ from faasmoe.planning.export import export
 from faasmoe.process import free_port, wait_until
 from faasmoe.server import completions
 from faasmoe.server.api import create_app
-from faasmoe.server.engine import Engine, RequestHandle
+from faasmoe.server.engine import Engine
 from faasmoe.server.generation import TextStream
 from faasmoe.server.middleware import REQUEST_ID_HEADER
 from faasmoe.server.protocol import CompletionRequest
-from faasmoe.server.sequence import Failure, FailureKind, FinishReason, GenerationRequest, TokenEvent
+from faasmoe.server.sequence import Failure, FailureKind, FinishReason, Sequence, TokenEvent
 from tests.app_server import AppServer, in_process_platform
 from tests.reference import load_reference, reference_greedy
 from tests.test_remote_e2e import deploy
@@ -62,22 +62,23 @@ def greedy(tiny_fp32: Path) -> list[list[int]]:
     return reference_greedy(load_reference(tiny_fp32), PROMPTS, NEW_TOKENS)
 
 
-def greedy_request(tenant: str, prompt: list[int], **fields) -> GenerationRequest:
-    return GenerationRequest(tenant, prompt, SamplingParams(max_new_tokens=NEW_TOKENS), **fields)
+def greedy_request(tenant: str, prompt: list[int], **fields) -> Sequence:
+    return Sequence(tenant, prompt, SamplingParams(max_new_tokens=NEW_TOKENS), **fields)
 
 
-def run_together(model: SplitModel, requests: list[GenerationRequest]) -> list[list[TokenEvent]]:
+def run_together(model: SplitModel, requests: list[Sequence]) -> list[list[TokenEvent]]:
     """Every request's events; all are queued before the engine starts, so they share its steps."""
 
-    async def collect(handle: RequestHandle) -> list[TokenEvent]:
-        return [event async for event in handle.events()]
+    async def collect(seq: Sequence) -> list[TokenEvent]:
+        return [event async for event in seq.stream()]
 
     async def go() -> list[list[TokenEvent]]:
         engine = Engine(model, name="test")
-        handles = [engine.submit(request) for request in requests]
+        for seq in requests:
+            engine.submit(seq)
         engine.start()
         try:
-            return [await collect(handle) for handle in handles]
+            return [await collect(seq) for seq in requests]
         finally:
             engine.stop()
 
@@ -137,7 +138,7 @@ def platform(tiny_fp32: Path, plan_dir: Path, tmp_path_factory: pytest.TempPathF
 
 
 def test_nothing_raised_while_submitting_keeps_the_quota_slot(platform):
-    """The issue's case: a seed torch refuses raised at submission, after admission; 3 locked max_concurrent 3 out.
+    """The issue's case: a seed torch refuses raised while starting the request; 3 locked max_concurrent 3 out.
 
     The API refuses such seeds now (400), so the engine-level fault is sent past validation here.
     """
@@ -146,8 +147,7 @@ def test_nothing_raised_while_submitting_keeps_the_quota_slot(platform):
                                              seed=2**64, stop=[], ignore_eos=True, logprobs=None)  # fmt: skip
 
     async def submit() -> None:
-        job = completions._job(platform, limited, body, "req_test")
-        completions._start(platform, limited, job)
+        completions._start(platform, limited, body, "req_test")
 
     for _ in range(limited.config.max_concurrent + 1):
         with pytest.raises(ValueError, match="Overflow"):

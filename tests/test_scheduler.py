@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from transformers import DynamicCache
 
 from faasmoe.model.sampling import SamplingParams
 from faasmoe.model.trunk import SequenceState
 from faasmoe.server.scheduler import Scheduler, SchedulerSettings
-from faasmoe.server.sequence import GenerationRequest, Sequence
-
-LOOP = asyncio.new_event_loop()
+from faasmoe.server.sequence import Sequence
 
 
 def sequence(tenant: str, prompt_tokens: int = 4) -> Sequence:
     prompt = list(range(prompt_tokens))
-    request = GenerationRequest(tenant, prompt, SamplingParams(max_new_tokens=4))
-    return Sequence(request, SequenceState(DynamicCache(), list(prompt)), asyncio.Queue(), LOOP)
+    seq = Sequence(tenant, prompt, SamplingParams(max_new_tokens=4))
+    seq.state = SequenceState(DynamicCache(), list(prompt))  # what Engine.submit gives it
+    return seq
 
 
 def test_a_tenant_with_many_requests_cannot_starve_one_with_few():

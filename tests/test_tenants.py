@@ -38,7 +38,7 @@ def test_admission_reserves_prompt_plus_max_tokens():
 
 def test_release_returns_the_unused_reservation():
     t = tenant(Clock(1000.0), tokens_per_minute=100)
-    t.admit(max_tokens=80, prompt_tokens=10).release(tokens_used=25)  # 65 of the 90 reserved come back
+    t.release(t.admit(max_tokens=80, prompt_tokens=10), tokens_used=25)  # 65 of the 90 reserved come back
     retry_after(t, max_tokens=66, prompt_tokens=10)
     t.admit(max_tokens=65, prompt_tokens=10)
     assert t.in_flight == 1
@@ -46,9 +46,9 @@ def test_release_returns_the_unused_reservation():
 
 def test_release_is_idempotent():
     t = tenant(Clock(1000.0), max_concurrent=2, tokens_per_minute=100)
-    admission = t.admit(max_tokens=50, prompt_tokens=0)
-    admission.release(tokens_used=10)
-    admission.release(tokens_used=50)  # a second release changes neither the slot count nor the tokens
+    charge = t.admit(max_tokens=50, prompt_tokens=0)
+    t.release(charge, tokens_used=10)
+    t.release(charge, tokens_used=50)  # a second release changes neither the slot count nor the tokens
     assert t.in_flight == 0
     t.admit(max_tokens=90, prompt_tokens=0)
 
@@ -56,9 +56,9 @@ def test_release_is_idempotent():
 def test_tokens_leave_the_window_60_seconds_after_admission():
     clock = Clock(1000.0)
     t = tenant(clock, tokens_per_minute=100)
-    t.admit(max_tokens=60, prompt_tokens=0).release(tokens_used=60)
+    t.release(t.admit(max_tokens=60, prompt_tokens=0), tokens_used=60)
     clock.now = 1030.0
-    t.admit(max_tokens=40, prompt_tokens=0).release(tokens_used=40)
+    t.release(t.admit(max_tokens=40, prompt_tokens=0), tokens_used=40)
     clock.now = 1000.0 + TOKEN_WINDOW_S - 0.001
     retry_after(t, max_tokens=1, prompt_tokens=0)  # the first charge is still 1 ms inside the window
     clock.now = 1000.0 + TOKEN_WINDOW_S
@@ -70,7 +70,7 @@ def test_retry_after_is_when_enough_tokens_leave_the_window():
     clock = Clock(1000.0)
     t = tenant(clock, tokens_per_minute=100)
     for used in (30, 30, 40):  # admitted at 0 s, 10 s and 20 s
-        t.admit(max_tokens=used, prompt_tokens=0).release(tokens_used=used)
+        t.release(t.admit(max_tokens=used, prompt_tokens=0), tokens_used=used)
         clock.now += 10
     assert retry_after(t, max_tokens=30, prompt_tokens=0) == TOKEN_WINDOW_S - 30  # the first charge frees 30
     assert retry_after(t, max_tokens=50, prompt_tokens=0) == TOKEN_WINDOW_S - 20  # 50 needs the second one too
@@ -110,7 +110,7 @@ def test_max_concurrent_counts_requests_in_flight():
     t.admit(max_tokens=10, prompt_tokens=5)
     assert retry_after(t, max_tokens=10, prompt_tokens=5) == 1
     assert t.in_flight == 2
-    first.release(tokens_used=15)
+    t.release(first, tokens_used=15)
     t.admit(max_tokens=10, prompt_tokens=5)
     assert t.in_flight == 2
 
@@ -133,5 +133,5 @@ def test_without_a_token_quota_nothing_is_kept_per_request():
     """Charges only expire while a tokens_per_minute quota checks them: without one none may pile up."""
     t = tenant(Clock(1000.0), max_concurrent=1)
     for _ in range(1000):
-        t.admit(max_tokens=10, prompt_tokens=5).release(tokens_used=15)
+        t.release(t.admit(max_tokens=10, prompt_tokens=5), tokens_used=15)
     assert not t._charges

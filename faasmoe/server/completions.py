@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -20,8 +19,8 @@ from faasmoe.model.sampling import SamplingParams
 from faasmoe.server.generation import Delta, Generation, GenerationFailed
 from faasmoe.server.middleware import request_id
 from faasmoe.server.platform import Platform
-from faasmoe.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, completion_id, now
-from faasmoe.server.sequence import Failure, FailureKind, GenerationRequest, TokenEvent
+from faasmoe.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, completion_id
+from faasmoe.server.sequence import Failure, FailureKind, Sequence, TokenEvent
 from faasmoe.server.tenants import QuotaExceeded, Tenant
 
 log = logging.getLogger(__name__)
@@ -30,25 +29,14 @@ SSE_DONE = b"data: [DONE]\n\n"
 RETRY_UNAVAILABLE_S = 1  # Retry-After of a 503: the gateway client has already retried for a while
 
 
-@dataclass
-class Job:
-    """A request turned into engine terms, with what its response needs to know."""
-
-    body: CompletionRequest | ChatCompletionRequest
-    prompt_ids: list[int]
-    model: str
-    id: str
-    request_id: str  # the HTTP request's: named in the server log and in 5xx bodies
-    created: int = field(default_factory=now)
-
-
 async def create(
     platform: Platform, tenant: Tenant, body: CompletionRequest | ChatCompletionRequest, http: Request
 ) -> Response:
-    job = _job(platform, tenant, body, request_id(http.scope))
-    generation = _start(platform, tenant, job)
+    generation = _start(platform, tenant, body, request_id(http.scope))
     fmt: _Format = (
-        ChatFormat(platform, job) if isinstance(body, ChatCompletionRequest) else CompletionFormat(platform, job)
+        ChatFormat(platform, generation)
+        if isinstance(body, ChatCompletionRequest)
+        else CompletionFormat(platform, generation)
     )
     if body.stream:
         return GenerationStream(_sse(fmt, generation), generation)
@@ -91,7 +79,7 @@ def failure_error(failure: Failure, request_id: str) -> ApiError:
             return ApiError(500, f"the engine step failed; {see_log}", type="server_error", code="engine_failed")
 
 
-def _job(platform: Platform, tenant: Tenant, body: CompletionRequest | ChatCompletionRequest, request_id: str) -> Job:
+def _check_model(platform: Platform, tenant: Tenant, body: CompletionRequest | ChatCompletionRequest) -> str:
     model = platform.settings.model_name
     if body.model != model:
         raise ApiError(
@@ -108,9 +96,7 @@ def _job(platform: Platform, tenant: Tenant, body: CompletionRequest | ChatCompl
             param="model",
             code="model_not_allowed",
         )
-    prompt_ids = _prompt_ids(platform, body)
-    prefix = "chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl"
-    return Job(body, prompt_ids, model, completion_id(prefix), request_id)
+    return model
 
 
 def _prompt_ids(platform: Platform, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
@@ -139,17 +125,19 @@ def _prompt_ids(platform: Platform, body: CompletionRequest | ChatCompletionRequ
     return ids
 
 
-def _start(platform: Platform, tenant: Tenant, job: Job) -> Generation:
+def _start(
+    platform: Platform, tenant: Tenant, body: CompletionRequest | ChatCompletionRequest, request_id: str
+) -> Generation:
     """The admitted, queued Generation; the quota it holds is released whatever raises on the way."""
-    body = job.body
+    model = _check_model(platform, tenant, body)
+    prompt_ids = _prompt_ids(platform, body)
     context = platform.model.checkpoint.config.max_position_embeddings
-    room = context - len(job.prompt_ids)
+    room = context - len(prompt_ids)
     max_tokens = body.max_tokens if body.max_tokens is not None else min(platform.settings.default_max_tokens, room)
     if max_tokens > room:
         raise ApiError(
             400,
-            f"prompt ({len(job.prompt_ids)} tokens) + max_tokens ({max_tokens}) is over the "
-            f"context length of {context}",
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) is over the context length of {context}",
             param="max_tokens",
             code="context_length_exceeded",
         )
@@ -161,10 +149,10 @@ def _start(platform: Platform, tenant: Tenant, job: Job) -> Generation:
         stop_token_ids=() if body.ignore_eos else platform.model.eos_token_ids,
     )
     logprobs = body.logprobs_count if isinstance(body, ChatCompletionRequest) else body.logprobs
-    request = GenerationRequest(tenant.name, job.prompt_ids, params, logprobs, job.request_id)
+    seq = Sequence(tenant.name, prompt_ids, params, logprobs, request_id)
     engine = platform.orchestrator.engine_for(tenant.name)
     try:
-        admission = tenant.admit(max_tokens, len(job.prompt_ids))
+        charge = tenant.admit(max_tokens, len(prompt_ids))
     except QuotaExceeded as exc:
         raise ApiError(
             429,
@@ -173,7 +161,8 @@ def _start(platform: Platform, tenant: Tenant, job: Job) -> Generation:
             code="quota_exceeded",
             headers={"Retry-After": str(round(exc.retry_after_s))},
         ) from None
-    generation = Generation(engine, request, body.stop_strings, admission, platform.metrics)
+    prefix = "chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl"
+    generation = Generation(body, seq, engine, tenant, charge, platform.metrics, model, completion_id(prefix))
     try:
         generation.start()
     except BaseException:
@@ -198,7 +187,7 @@ async def _collect_unless_disconnected(generation: Generation, http: Request) ->
     try:
         return work.result()
     except GenerationFailed as exc:
-        raise failure_error(exc.failure, generation.request.request_id) from None
+        raise failure_error(exc.failure, generation.seq.request_id) from None
 
 
 async def _disconnected(http: Request) -> None:
@@ -208,13 +197,13 @@ async def _disconnected(http: Request) -> None:
 
 async def _sse(fmt: _Format, generation: Generation) -> AsyncIterator[bytes]:
     """Server-sent events; an error mid-stream becomes an error event before [DONE]."""
-    rid = generation.request.request_id
+    rid = generation.seq.request_id
     try:
         first = True
         async for delta in generation.deltas():
             yield _event(fmt.chunk(delta, first))
             first = False
-        if fmt.job.body.include_usage:
+        if fmt.body.include_usage:
             yield _event(fmt.usage_chunk(generation.completion_tokens))
     except GenerationFailed as exc:
         yield _event(failure_error(exc.failure, rid).body.model_dump())
@@ -234,21 +223,23 @@ class _Format:
     object_full: str
     object_chunk: str
 
-    def __init__(self, platform: Platform, job: Job) -> None:
+    def __init__(self, platform: Platform, generation: Generation) -> None:
         self.tokenizer = platform.model.tokenizer
-        self.job = job
+        self.generation = generation
+        self.body = generation.body
+        self.prompt_ids = generation.seq.prompt_ids
 
     def envelope(self, obj: str, choices: list[dict]) -> dict:
         return {
-            "id": self.job.id,
+            "id": self.generation.id,
             "object": obj,
-            "created": self.job.created,
-            "model": self.job.model,
+            "created": self.generation.created,
+            "model": self.generation.model,
             "choices": choices,
         }
 
     def usage(self, completion_tokens: int) -> dict:
-        prompt = len(self.job.prompt_ids)
+        prompt = len(self.prompt_ids)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion_tokens,
@@ -259,10 +250,10 @@ class _Format:
         return self.envelope(self.object_chunk, []) | {"usage": self.usage(completion_tokens)}
 
     def token_ids(self, deltas: list[Delta], first: bool) -> dict:
-        if not self.job.body.return_token_ids:
+        if not self.body.return_token_ids:
             return {}
         ids = {"token_ids": [t.token_id for d in deltas for t in d.tokens]}
-        return ids | ({"prompt_token_ids": self.job.prompt_ids} if first else {})
+        return ids | ({"prompt_token_ids": self.prompt_ids} if first else {})
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -299,7 +290,7 @@ class CompletionFormat(_Format):
         return self.envelope(self.object_chunk, [choice])
 
     def logprobs(self, tokens: list[TokenEvent]) -> dict | None:
-        if self.job.body.logprobs is None:
+        if self.body.logprobs is None:
             return None
         texts = [self.token_text(t.token_id) for t in tokens]
         offsets = [sum(len(x) for x in texts[:i]) for i in range(len(texts))]
@@ -334,7 +325,7 @@ class ChatFormat(_Format):
     def full(self, deltas: list[Delta], completion_tokens: int) -> dict:
         body = super().full(deltas, completion_tokens)
         # vLLM puts a chat response's prompt ids beside its choices
-        return body | ({"prompt_token_ids": self.job.prompt_ids} if self.job.body.return_token_ids else {})
+        return body | ({"prompt_token_ids": self.prompt_ids} if self.body.return_token_ids else {})
 
     def chunk(self, delta: Delta, first: bool) -> dict:
         content = {"role": "assistant", "content": delta.text} if first else {"content": delta.text}
@@ -347,7 +338,7 @@ class ChatFormat(_Format):
         return self.envelope(self.object_chunk, [choice])
 
     def logprobs(self, tokens: list[TokenEvent]) -> dict | None:
-        if not self.job.body.logprobs:
+        if not self.body.logprobs:
             return None
         content = []
         for t in tokens:

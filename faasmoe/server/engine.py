@@ -13,37 +13,19 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import torch
 
 from faasmoe.model.moe_block import FunctionFailed
 from faasmoe.model.split_model import SplitModel
 from faasmoe.server.scheduler import Scheduler, SchedulerSettings
-from faasmoe.server.sequence import Failure, FailureKind, FinishReason, GenerationRequest, Sequence, TokenEvent
+from faasmoe.server.sequence import Failure, FailureKind, FinishReason, Sequence, TokenEvent
 
 log = logging.getLogger(__name__)
 
 StepObserver = Callable[[list[Sequence], float], None]
-
-
-class RequestHandle:
-    """The asyncio side of one request: iterate its events, or cancel it."""
-
-    def __init__(self, seq: Sequence, wake: Callable[[], None]) -> None:
-        self.seq = seq
-        self._wake = wake
-
-    async def events(self) -> AsyncIterator[TokenEvent]:
-        while True:
-            event = await self.seq.events.get()
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    def cancel(self) -> None:
-        self.seq.cancelled = True
-        self._wake()
+StepStarting = Callable[[list[Sequence]], None]  # the batch, in the trunk's token order, before it steps
 
 
 class Engine:
@@ -52,6 +34,7 @@ class Engine:
         self.scheduler = Scheduler(settings or SchedulerSettings())
         self.name = name
         self.step_observers: list[StepObserver] = []
+        self.step_starting: list[StepStarting] = []
         self._lock = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"faasmoe-engine-{name}", daemon=True)
@@ -70,21 +53,18 @@ class Engine:
         with self._lock:
             return len(self.scheduler.running) + sum(len(q) for q in self.scheduler.waiting.values())
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queues a request; call from the asyncio loop that will consume its events."""
-        seq = Sequence(
-            request=request,
-            state=self.model.trunk.new_sequence(request.prompt_ids),
-            events=asyncio.Queue(),
-            loop=asyncio.get_running_loop(),
-        )
+    def submit(self, seq: Sequence) -> None:
+        """Queues seq with a fresh KV cache; call from the asyncio loop that will consume its events."""
+        seq.state = self.model.trunk.new_sequence(seq.prompt_ids)
+        seq.loop = asyncio.get_running_loop()
         with self._lock:
             self.scheduler.add(seq)
             self._lock.notify()
-        return RequestHandle(seq, self._wake)
 
-    def _wake(self) -> None:
+    def cancel(self, seq: Sequence) -> None:
+        """Ends seq at the next step (a no-op once finished); the engine frees its KV cache."""
         with self._lock:
+            seq.cancelled = True
             self._lock.notify()
 
     def _run(self) -> None:
@@ -102,10 +82,12 @@ class Engine:
                 continue
             started = time.perf_counter()
             try:
+                for starting in self.step_starting:
+                    starting(batch)
                 logits = self.model.trunk.step([s.state for s in batch])
             except Exception as exc:  # a dead function or a bug: fail this batch, keep serving
                 failure = _step_failure(exc)
-                ids = ", ".join(s.request.request_id for s in batch)
+                ids = ", ".join(s.request_id for s in batch)
                 if failure.kind is FailureKind.ENGINE:
                     log.exception("engine step failed for requests %s", ids)
                 else:  # the function tier's own message says it all: no traceback per failed step
@@ -122,11 +104,11 @@ class Engine:
         """Samples seq's next token and emits it; a failure here ends seq alone."""
         try:
             token = seq.sampler(logits)
-            reason = seq.request.params.finish(token, len(seq.output) + 1)
+            reason = seq.params.finish(token, len(seq.output) + 1)
             finish = FinishReason(reason) if reason else None
-            event = _token_event(token, logits, seq.request.logprobs, finish)
+            event = _token_event(token, logits, seq.logprobs, finish)
         except Exception:
-            log.exception("request %s: choosing its next token failed", seq.request.request_id)
+            log.exception("request %s: choosing its next token failed", seq.request_id)
             failure = Failure(FailureKind.SEQUENCE)
             self._finish(seq, TokenEvent(None, finish_reason=FinishReason.ERROR, failure=failure))
             return

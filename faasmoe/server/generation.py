@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
-from faasmoe.server.engine import Engine, RequestHandle
+from faasmoe.server.engine import Engine
 from faasmoe.server.metrics import Metrics
-from faasmoe.server.sequence import Failure, FailureKind, FinishReason, GenerationRequest, TokenEvent
-from faasmoe.server.tenants import Admission
+from faasmoe.server.protocol import ChatCompletionRequest, CompletionRequest, now
+from faasmoe.server.sequence import Failure, FailureKind, FinishReason, Sequence, TokenEvent
+from faasmoe.server.tenants import Charge, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -87,32 +88,38 @@ class TextStream:
 
 @dataclass
 class Generation:
-    """Runs one admitted request on an engine: `start()`, then iterate `deltas()` once.
+    """One admitted request as the API sees it: its sequence on an engine, its quota charge, its response's
+    identity. ``start()``, then iterate ``deltas()`` once.
 
-    It owns the admission from its creation: whoever creates one must see that `close()` is called.
+    It owns the charge from its creation: whoever creates one must see that ``close()`` is called.
     """
 
+    body: CompletionRequest | ChatCompletionRequest
+    seq: Sequence
     engine: Engine
-    request: GenerationRequest
-    stop: list[str]
-    admission: Admission
+    tenant: Tenant
+    charge: Charge
     metrics: Metrics
+    model: str
+    id: str  # the response object's ("cmpl-..." or "chatcmpl-...")
+    created: int = field(default_factory=now)
     arrived: float = field(default_factory=time.perf_counter)
     completion_tokens: int = 0
-    _handle: RequestHandle | None = None
+    _started: bool = False
     _closed: bool = False
 
     def start(self) -> None:
-        """Queues the request on the engine."""
-        self._handle = self.engine.submit(self.request)
+        """Queues the sequence on the engine."""
+        self.engine.submit(self.seq)
+        self._started = True
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        assert self._handle is not None, "start() first"
-        tenant = self.request.tenant
-        text = TextStream(self.engine.model.tokenizer, self.stop)
+        assert self._started, "start() first"
+        tenant = self.tenant.name
+        text = TextStream(self.engine.model.tokenizer, self.body.stop_strings)
         last = self.arrived
         try:
-            async for event in self._handle.events():
+            async for event in self.seq.stream():
                 if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):  # cancelled: the client left
                     raise GenerationFailed(event.failure or Failure(FailureKind.ENGINE))
                 now = time.perf_counter()
@@ -134,20 +141,20 @@ class Generation:
             piece = text.add(token_id)
             return piece + text.flush() if flush and not text.stopped else piece
         except Exception:
-            log.exception("request %s: detokenizing failed", self.request.request_id)
+            log.exception("request %s: detokenizing failed", self.seq.request_id)
             raise GenerationFailed(Failure(FailureKind.SEQUENCE)) from None
 
     def close(self) -> None:
-        """Idempotent: stops generating (a no-op once finished) and returns the quota's unused reservation.
+        """Idempotent: stops generating and returns the quota's unused reservation.
 
         Also called after a streamed response ends, in case the stream never started (client gone at once).
         """
-        if self._handle is not None:
-            self._handle.cancel()  # the engine frees the KV cache at its next step
-            self._handle = None
-        if not self._closed:
-            self._closed = True
-            tenant, prompt = self.request.tenant, len(self.request.prompt_ids)
-            self.metrics.tokens.labels(tenant, "prompt").inc(prompt)
-            self.metrics.tokens.labels(tenant, "completion").inc(self.completion_tokens)
-            self.admission.release(prompt + self.completion_tokens)
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            self.engine.cancel(self.seq)  # the engine frees the KV cache at its next step (a no-op once finished)
+        tenant, prompt = self.tenant.name, len(self.seq.prompt_ids)
+        self.metrics.tokens.labels(tenant, "prompt").inc(prompt)
+        self.metrics.tokens.labels(tenant, "completion").inc(self.completion_tokens)
+        self.tenant.release(self.charge, prompt + self.completion_tokens)

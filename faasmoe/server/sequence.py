@@ -1,4 +1,4 @@
-"""A generation request as the engine sees it, and the events it streams back."""
+"""A request as the engine sees it (a Sequence), and the events it streams back."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import enum
 import itertools
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from faasmoe.model.sampling import Sampler, SamplingParams
@@ -39,15 +40,6 @@ def new_request_id() -> str:
 
 
 @dataclass(frozen=True)
-class GenerationRequest:
-    tenant: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    logprobs: int | None = None  # how many top alternatives to return per token (0: only the chosen one)
-    request_id: str = field(default_factory=new_request_id)  # names the request in the log and in its errors
-
-
-@dataclass(frozen=True)
 class TokenEvent:
     """One generated token, or the end of the stream (finish_reason set; token_id may be None)."""
 
@@ -63,27 +55,40 @@ _ids = itertools.count()
 
 @dataclass(eq=False)
 class Sequence:
-    """A request being served: its KV cache, sampler, output so far and where its events go."""
+    """One request on the engine: what it asks for, then its KV cache, sampler, output and events.
 
-    request: GenerationRequest
-    state: SequenceState | None  # None once finished: the KV cache is freed
-    events: asyncio.Queue[TokenEvent]
-    loop: asyncio.AbstractEventLoop
+    The API side makes it; ``Engine.submit`` gives it its KV cache and the loop its events go to, and
+    ``Engine.cancel`` ends it. The finish rule is its ``params.finish`` (shared with ``model/generate.py``).
+    """
+
+    tenant: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    logprobs: int | None = None  # how many top alternatives to return per token (0: only the chosen one)
+    request_id: str = field(default_factory=new_request_id)  # names the request in the log and in its errors
+    state: SequenceState | None = field(default=None, init=False)  # set by submit; None again once finished
+    events: asyncio.Queue[TokenEvent] = field(default_factory=asyncio.Queue, init=False)
+    loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
     sampler: Sampler = field(init=False)
-    output: list[int] = field(default_factory=list)
-    cancelled: bool = False
-    id: int = field(default_factory=lambda: next(_ids))
+    output: list[int] = field(default_factory=list, init=False)
+    cancelled: bool = field(default=False, init=False)
+    id: int = field(default_factory=lambda: next(_ids), init=False)
 
     def __post_init__(self) -> None:
-        self.sampler = Sampler(self.request.params)
-
-    @property
-    def tenant(self) -> str:
-        return self.request.tenant
+        self.sampler = Sampler(self.params)
 
     def free(self) -> None:
         self.state = None
 
     def emit(self, event: TokenEvent) -> None:
         """Hands an event to the asyncio side (the engine runs in its own thread)."""
+        assert self.loop is not None, "Engine.submit first"
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    async def stream(self) -> AsyncIterator[TokenEvent]:
+        """The sequence's events up to and including the last (the one with a finish reason)."""
+        while True:
+            event = await self.events.get()
+            yield event
+            if event.finish_reason is not None:
+                return

@@ -70,9 +70,12 @@ class TenantsFile(BaseModel):
 
 
 @dataclass
-class _Charge:
+class Charge:
+    """A request's hold on its tenant's quotas, from ``Tenant.admit`` until ``Tenant.release``."""
+
     at: float  # the tenant's clock at admission
     tokens: int  # reserved at admission (prompt + max_tokens), then what was really used
+    released: bool = False
 
 
 class QuotaExceeded(FaasmoeError):
@@ -88,7 +91,7 @@ class Tenant:
     config: TenantConfig
     clock: Callable[[], float] = time.monotonic
     in_flight: int = 0
-    _charges: deque[_Charge] = field(default_factory=deque)  # within the last TOKEN_WINDOW_S
+    _charges: deque[Charge] = field(default_factory=deque)  # within the last TOKEN_WINDOW_S
 
     @property
     def name(self) -> str:
@@ -97,7 +100,7 @@ class Tenant:
     def may_use(self, model: str) -> bool:
         return self.config.models is None or model in self.config.models
 
-    def admit(self, max_tokens: int, prompt_tokens: int) -> Admission:
+    def admit(self, max_tokens: int, prompt_tokens: int) -> Charge:
         """Reserves a request slot and its worst-case tokens, or raises QuotaExceeded."""
         cfg = self.config
         if cfg.max_tokens is not None and max_tokens > cfg.max_tokens:
@@ -118,11 +121,19 @@ class Tenant:
                     f"tenant {self.name} used its {cfg.tokens_per_minute} tokens per minute",
                     self._seconds_until_free(cost, now),
                 )
-        charge = _Charge(now, cost)
+        charge = Charge(now, cost)
         if cfg.tokens_per_minute is not None:  # else nothing would ever expire it
             self._charges.append(charge)
         self.in_flight += 1
-        return Admission(self, charge)
+        return charge
+
+    def release(self, charge: Charge, tokens_used: int) -> None:
+        """Ends the request's hold (once): its slot, and the unused part of its reservation, come back."""
+        if charge.released:
+            return
+        charge.released = True
+        self.in_flight -= 1
+        charge.tokens = tokens_used
 
     def _used(self) -> int:
         return sum(charge.tokens for charge in self._charges)
@@ -139,22 +150,6 @@ class Tenant:
             if excess <= 0:  # whole seconds, rounded up: a retry after Retry-After finds the tokens free
                 return max(math.ceil(charge.at + TOKEN_WINDOW_S - now), 1)
         return TOKEN_WINDOW_S
-
-
-@dataclass
-class Admission:
-    """A request's hold on its tenant's quotas; release() with the tokens it really used."""
-
-    tenant: Tenant
-    _charge: _Charge
-    _released: bool = False
-
-    def release(self, tokens_used: int) -> None:
-        if self._released:
-            return
-        self._released = True
-        self.tenant.in_flight -= 1
-        self._charge.tokens = tokens_used  # the unused reservation goes back to the window
 
 
 class TenantRegistry:
