@@ -6,9 +6,11 @@ Model: the qwen1.5-moe-a2.7b preset with 1 layer (random weights, real shapes), 
 per function; the first function (experts 0-19 of layer 0, 346 MB of bf16) serves both parts.
 
 (a) Round trip of POST / for 1 and 32 tokens of a 2048-wide bf16 hidden state (each token asks one held
-    expert), with keep-alive http.client and pooled httpx. Transport overhead = round trip minus the
-    server-side time of the same call (X-Faasmoe-Compute-Seconds: decode + partial sums + encode), per
-    call, so load from other processes on the machine hits both terms alike. For comparison: the same
+    expert), with keep-alive http.client and pooled httpx, and through the embedded gateway as the
+    control plane calls it (its GatewayConnection: the client on its own loop thread). Invocation
+    overhead = round trip minus the server-side time of the same call (X-Faasmoe-Compute-Seconds:
+    decode + partial sums + encode, on the function's compute thread), per call, so load from other
+    processes on the machine hits both terms alike. For comparison: the same
     invocation in this process (same thread count, with the server stopped, so neither steals CPU from
     the other), and a raw-socket echo moving the same bytes between two processes.
 (b) Cold start, split into interpreter start, server listening, imports done and weights loaded (the
@@ -21,6 +23,7 @@ Figures are reported, not asserted; the load average is saved with them (this ma
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -37,16 +40,20 @@ from typing import TypeVar
 import httpx
 import torch
 
-from faasmoe.dispatch.remote import LoopThread
+from faasmoe.dispatch.remote import GatewayConnection, LoopThread
 from faasmoe.experts.compute import NO_EXPERT, ExpertBatch
 from faasmoe.experts.shard import load_shard
 from faasmoe.experts.wire import CONTENT_TYPE, encode_batch
 from faasmoe.function.headers import COMPUTE_HEADER
 from faasmoe.function.invoke import Invoker
+from faasmoe.gateway.client import GatewayClient, GatewaySettings
+from faasmoe.gateway.embedded import GatewayProcess
 from faasmoe.gateway.embedded.forkserver import ForkedProcess, ForkServer
 from faasmoe.model.init_model import InitModelOptions, init_model
+from faasmoe.planning.deploy import deploy_plan
 from faasmoe.planning.export import export
 from faasmoe.planning.plan import FunctionSpec, Plan
+from faasmoe.planning.stack import StackSettings
 from faasmoe.process import free_port
 
 T = TypeVar("T")
@@ -54,7 +61,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "function_bench.json"
 EXPERTS_PER_FUNCTION = 20
 TOKEN_COUNTS = (1, 32)
 WARMUP = 20
-TARGETS = {"overhead_p50_ms": 1.0, "cold_start_ratio": 2.0}
+TARGETS = {"overhead_p50_ms": 1.0, "gateway_overhead_p50_ms": 0.3, "cold_start_ratio": 2.0}
 # A child process that answers each length-prefixed message with a reply of the length it asks for.
 ECHO_SERVER = """
 import socket, struct, sys
@@ -104,14 +111,22 @@ class BlockingForkServer:
 class FunctionServer:
     """`python -m faasmoe.function` on a free port (or forked by ``forkserver``), stopped with SIGTERM."""
 
-    def __init__(self, plan: Path, function: str, threads: int, forkserver: BlockingForkServer | None = None) -> None:
+    def __init__(
+        self,
+        plan: Path,
+        function: str,
+        threads: int,
+        forkserver: BlockingForkServer | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         env = {"FAASMOE_FUNCTION": function, "FAASMOE_WEIGHTS_URI": str(plan), "FAASMOE_PORT": str(self.port)}
-        env |= {"FAASMOE_THREADS": str(threads), "FAASMOE_LOG_LEVEL": "warning"}
+        env |= {"FAASMOE_THREADS": str(threads), "FAASMOE_LOG_LEVEL": "warning"} | (extra_env or {})
         if forkserver is None:
             self.process = subprocess.Popen([sys.executable, "-m", "faasmoe.function"], env=os.environ | env)
         else:
             self.process = forkserver.spawn(os.environ | env)
+            self.port = self.process.port  # the zygote binds the replica's socket itself
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30.0)
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict:
@@ -205,12 +220,43 @@ def function_round_trips(server: FunctionServer, body: bytes, iterations: int) -
         assert response.status_code == 200, response.text
         return float(response.headers[COMPUTE_HEADER])
 
-    results = {}
-    for name, call in (("http_client", with_http_client), ("httpx", with_httpx)):
-        total, inside = timed(call, iterations)
-        overhead = [t - s for t, s in zip(total, inside, strict=True)]
-        results[name] = ms(total) | {"overhead": ms(overhead), "server": ms(inside)}
+    results = {name: overheads(call, iterations) for name, call in (("http_client", with_http_client),
+                                                                     ("httpx", with_httpx))}  # fmt: skip
     connection.close()
+    return results
+
+
+def overheads(call: Callable[[], float], iterations: int) -> dict:
+    """Round trips of ``call`` (which returns the server-side seconds), and round trip minus server-side."""
+    total, inside = timed(call, iterations)
+    overhead = [t - s for t, s in zip(total, inside, strict=True)]
+    return ms(total) | {"overhead": ms(overhead), "server": ms(inside)}
+
+
+def gateway_round_trips(
+    plan: Path, function: FunctionSpec, bodies: list[bytes], threads: int, iterations: int
+) -> list[dict]:
+    """The calls through `faasmoe gateway` (the function deployed from zero; the warm-up meets its cold start)."""
+    with GatewayProcess(log_path=plan / "gateway.log") as gateway:
+        settings = GatewaySettings.from_url(gateway.url)
+
+        async def deploy() -> None:
+            async with GatewayClient(settings) as client:
+                await deploy_plan(Plan.load(plan), client, StackSettings(weights_uri=str(plan), threads=threads))
+
+        asyncio.run(deploy())
+        connection = GatewayConnection(settings)
+        try:
+            results = []
+            for body in bodies:
+
+                def call(body: bytes = body) -> float:
+                    invoke = connection.submit(lambda c: c.invoke(function.name, body, {"Content-Type": CONTENT_TYPE}))
+                    return float(invoke.result().headers[COMPUTE_HEADER])
+
+                results.append(overheads(call, iterations))
+        finally:
+            connection.close()
     return results
 
 
@@ -234,9 +280,12 @@ def round_trips(plan: Path, function: FunctionSpec, threads: int, iterations: in
         http = [function_round_trips(server, body, iterations) for body in bodies]
     finally:
         server.stop()
+    gateway = gateway_round_trips(plan, function, bodies, threads, iterations)
     return [
-        {"tokens": t, "request_bytes": len(b), "response_bytes": len(o), "in_process": ms(c), "raw_socket": ms(e)} | h
-        for t, b, o, c, e, h in zip(TOKEN_COUNTS, bodies, outputs, in_process, echo, http, strict=True)
+        {"tokens": t, "request_bytes": len(b), "response_bytes": len(o), "in_process": ms(c), "raw_socket": ms(e)}
+        | h
+        | {"gateway": g}
+        for t, b, o, c, e, h, g in zip(TOKEN_COUNTS, bodies, outputs, in_process, echo, http, gateway, strict=True)
     ]
 
 
@@ -276,17 +325,21 @@ def table(rows: list[dict], cold: dict) -> str:
 
     lines = [
         "| tokens | request / response | in-process | server-side | http.client | overhead | httpx | overhead "
-        "| raw socket |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| gateway | overhead | raw socket |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         sizes = f"{r['request_bytes'] / 1024:.0f} / {r['response_bytes'] / 1024:.0f} KiB"
-        raw, pooled = r["http_client"], r["httpx"]
-        cells = [r["in_process"], raw["server"], raw, raw["overhead"], pooled, pooled["overhead"], r["raw_socket"]]
+        raw, pooled, gateway = r["http_client"], r["httpx"], r["gateway"]
+        cells = [r["in_process"], raw["server"], raw, raw["overhead"], pooled, pooled["overhead"]]
+        cells += [gateway, gateway["overhead"], r["raw_socket"]]
         lines.append(f"| {r['tokens']} | {sizes} | " + " | ".join(pair(c) for c in cells) + " |")
+    one = next(r for r in rows if r["tokens"] == 1)
     lines += [
         "",
         "(round trips: p50 / p99 ms; overhead = round trip - server-side time, per call)",
+        f"1-token invocation overhead p50 / p99: straight to the function (httpx) {pair(one['httpx']['overhead'])} ms, "
+        f"through the embedded gateway {pair(one['gateway']['overhead'])} ms",
         "",
         f"cold start of {cold['function']} ({cold['experts']} experts, {cold['weights_mb']:.0f} MB), "
         f"median of {len(cold['exec']['runs'])}, seconds from process start "

@@ -25,6 +25,14 @@ app = typer.Typer(
 # children stopped and in-flight requests drained. Other commands keep Python's default: a killed
 # `faasmoe export` must not look successful.
 LONG_RUNNING_COMMANDS = frozenset({"gateway", "serve", "up"})
+PREWARM_HELP = (
+    "wake the functions a request will need before it reaches them: off, all (at admission), or predicted "
+    "(default: at admission from the routing statistics, and the next layer's during each step)"
+)
+PREWARM_THRESHOLD_HELP = "predicted: wake the functions at least this likely to be invoked (default 0.05)"
+ROUTING_PROFILE_HELP = "routing statistics file: loaded at start if it exists, written back (docs/elasticity.md)"
+ROUTING_PROFILE_INTERVAL_HELP = "seconds between writes of the routing profile (default 60)"
+KEEP_ALIVE_HELP = "fixed: every function its zero-duration label; adaptive (default): each its own, at most that"
 
 
 @app.callback()
@@ -38,14 +46,16 @@ def _main(ctx: typer.Context) -> None:
 @app.command("init-model")
 def init_model_command(
     out: Annotated[Path, typer.Argument(help="directory to write the checkpoint to")],
-    preset: Annotated[str, typer.Option(help="tiny, small-mixed or qwen1.5-moe-a2.7b")] = "tiny",
+    preset: Annotated[
+        str, typer.Option(help="tiny, small-mixed, qwen1.5-moe-a2.7b, qwen3-30b-a3b, mixtral-8x7b (docs/families.md)")
+    ] = "tiny",
     layers: Annotated[int | None, typer.Option(help="number of layers (shrinks the preset's depth)")] = None,
     dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
     seed: Annotated[int, typer.Option(help="random seed of the weights")] = 0,
     router_skew: Annotated[float, typer.Option(help="Zipf exponent of expert popularity (0: uniform)")] = 0.0,
     max_shard_size: Annotated[str, typer.Option(help="shard the checkpoint above this size, e.g. 50MB")] = "5GB",
 ) -> None:
-    """Write a randomly initialised qwen2_moe checkpoint (hub format) and a tokenizer. Downloads nothing."""
+    """Write a randomly initialised MoE checkpoint (its family's hub format) and a tokenizer. Downloads nothing."""
     from faasmoe.model.init_model import InitModelOptions, init_model
 
     options = InitModelOptions(preset, layers, dtype, seed, router_skew, max_shard_size)
@@ -56,7 +66,7 @@ def init_model_command(
 
 @app.command("export")
 def export_command(
-    model_dir: Annotated[Path, typer.Argument(help="Hugging Face qwen2_moe checkpoint directory")],
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face MoE checkpoint: qwen2_moe, qwen3_moe or mixtral")],
     out_dir: Annotated[Path, typer.Argument(help="plan directory to write")],
     experts_per_function: Annotated[int, typer.Option(help="experts per function per layer (N)")] = 20,
     layers_per_function: Annotated[int, typer.Option(help="consecutive MoE layers per function (M)")] = 1,
@@ -236,6 +246,10 @@ def gateway_command(
     max_body_bytes: Annotated[
         int | None, typer.Option(help="larger invocation bodies get 413 (default 64 MiB)")
     ] = None,
+    direct_replicas: Annotated[
+        bool | None,
+        typer.Option(help="name the serving replica in invocation answers, so callers may skip this hop (default on)"),
+    ] = None,
 ) -> None:
     """Run the embedded OpenFaaS-compatible gateway: each function a local process, scaled to and from zero."""
     import shlex
@@ -249,7 +263,8 @@ def gateway_command(
     options = given(host=host, port=port, idle_timeout_s=idle_timeout, cold_start_timeout_s=cold_start_timeout,
                     function_spawn=function_spawn, log_dir=log_dir, reaper_interval_s=reaper_interval,
                     scale_to_zero_default=scale_to_zero, log_level=log_level, allow_env_vars=allow_env_var,
-                    max_body_bytes=max_body_bytes, allow_env_process=allow_env_process or None)  # fmt: skip
+                    max_body_bytes=max_body_bytes, allow_env_process=allow_env_process or None,
+                    direct_replicas=direct_replicas)  # fmt: skip
     with user_input():
         if function_command is not None:
             options["function_command"] = shlex.split(function_command)
@@ -287,6 +302,14 @@ def serve_command(
     function_zero_duration: Annotated[
         str | None, typer.Option(help="reconcile: idle time before scale to zero, e.g. 5m")
     ] = None,
+    prewarm: Annotated[str | None, typer.Option(help=PREWARM_HELP)] = None,
+    prewarm_threshold: Annotated[float | None, typer.Option(help=PREWARM_THRESHOLD_HELP)] = None,
+    routing_profile: Annotated[Path | None, typer.Option(help=ROUTING_PROFILE_HELP)] = None,
+    routing_profile_interval: Annotated[float | None, typer.Option(help=ROUTING_PROFILE_INTERVAL_HELP)] = None,
+    routing_half_life: Annotated[
+        float | None, typer.Option(help="seconds in which routing statistics decay to half (default 600)")
+    ] = None,
+    keep_alive: Annotated[str | None, typer.Option(help=KEEP_ALIVE_HELP)] = None,
 ) -> None:
     """Serve the OpenAI-compatible multi-tenant API (options also from FAASMOE_SERVE_* variables)."""
     from faasmoe.server.serve import serve
@@ -298,7 +321,10 @@ def serve_command(
                                 gateway_basic_auth=gateway_basic_auth, host=host, port=port, mode=mode,
                                 served_model_name=served_model_name, threads=threads, reconcile=reconcile,
                                 reconcile_interval_s=reconcile_interval, functions=functions or None,
-                                metrics_key=metrics_key, max_body_bytes=max_body_bytes)))  # fmt: skip
+                                metrics_key=metrics_key, max_body_bytes=max_body_bytes, prewarm=prewarm,
+                                prewarm_threshold=prewarm_threshold, routing_profile=routing_profile,
+                                routing_profile_interval_s=routing_profile_interval,
+                                routing_half_life_s=routing_half_life, keep_alive=keep_alive)))  # fmt: skip
 
 
 @app.command("up")
@@ -311,12 +337,21 @@ def up_command(
     layers_per_function: Annotated[int, typer.Option(min=1)] = 1,
     idle_timeout: Annotated[str, typer.Option(help="functions scale to zero after this long idle")] = "60s",
     workdir: Annotated[Path, typer.Option(help="models, plans, tenants and logs")] = Path(".faasmoe"),
+    prewarm: Annotated[str | None, typer.Option(help=PREWARM_HELP)] = None,
+    prewarm_threshold: Annotated[float | None, typer.Option(help=PREWARM_THRESHOLD_HELP)] = None,
+    routing_profile: Annotated[
+        Path | None, typer.Option(help=ROUTING_PROFILE_HELP + " (default: routing-profile.json in --workdir)")
+    ] = None,
+    routing_profile_interval: Annotated[float | None, typer.Option(help=ROUTING_PROFILE_INTERVAL_HELP)] = None,
+    keep_alive: Annotated[str | None, typer.Option(help=KEEP_ALIVE_HELP)] = None,
 ) -> None:
     """The whole platform on this machine: embedded gateway, functions, control plane. Ctrl-C or SIGTERM stops all."""
     from faasmoe.up import UpSettings, up
 
     up(UpSettings(model=model, tenants=tenants, host=host, port=port, experts_per_function=experts_per_function,
-                  layers_per_function=layers_per_function, idle_timeout=idle_timeout, workdir=workdir))  # fmt: skip
+                  layers_per_function=layers_per_function, idle_timeout=idle_timeout, workdir=workdir,
+                  prewarm=prewarm, prewarm_threshold=prewarm_threshold, routing_profile=routing_profile,
+                  routing_profile_interval_s=routing_profile_interval, keep_alive=keep_alive))  # fmt: skip
 
 
 def _parse_ids(text: str, vocab_size: int) -> list[int]:

@@ -6,7 +6,7 @@ class FaasmoeError(Exception):
 
 
 class CheckpointError(FaasmoeError):
-    """A model directory is not a usable qwen2_moe checkpoint."""
+    """A model directory is not a usable checkpoint of a supported MoE family."""
 
 
 class PlanError(FaasmoeError):

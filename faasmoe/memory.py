@@ -1,4 +1,8 @@
-"""Resident memory of a process, split so that file-mapped weight pages are not counted as copies."""
+"""Resident memory of a process, split so that file-mapped weight pages are not counted as copies.
+
+Shards are mapped (faasmoe.experts.shard): their pages count in rss, file and pss once a forward pass
+touches them, pss dividing each page among the processes that map it, and never in anon.
+"""
 
 from __future__ import annotations
 

@@ -39,10 +39,25 @@ class ServiceStartError(FaasmoeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now; the OS picks it so parallel callers rarely collide."""
+    """A port nothing listens on right now, for a program that binds it itself (another may take it first:
+    where the program can take a socket, hand it ``listening_socket()`` instead)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def listening_socket(host: str = "127.0.0.1", backlog: int = 2048) -> socket.socket:
+    """A TCP socket listening on a port the OS picks. Handed to a child (its fd inherited), the port is the
+    child's from the first moment: nothing can take it between choosing and binding, as with free_port.
+    Connections that arrive before the child accepts wait in the backlog."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def exit_on_sigterm() -> None:

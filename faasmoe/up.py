@@ -17,6 +17,9 @@ import yaml
 from pydantic import BaseModel, Field
 from rich.console import Console
 
+from faasmoe.command import given
+from faasmoe.elastic.keep_alive import KeepAliveMode
+from faasmoe.elastic.prewarm import PrewarmMode
 from faasmoe.gateway.durations import PositiveDuration
 from faasmoe.gateway.embedded import GatewayProcess
 from faasmoe.model.init_model import InitModelOptions, init_model
@@ -28,6 +31,7 @@ from faasmoe.process import ServiceProcess
 DEMO_TENANTS = ("alpha", "beta", "gamma")
 TENANTS_FILE = "tenants.yaml"
 METRICS_KEY_FILE = "metrics.key"  # the operator's key for /metrics, made on the first run
+ROUTING_PROFILE_FILE = "routing-profile.json"  # what the predictors learned, kept across restarts
 GATEWAY_URL_FILE = "gateway.url"  # where tools find the gateway (/function/*; /system/* is the control plane's)
 GATEWAY_USER = "faasmoe"
 # The gateway reads its credentials from these variables: never from argv, which `ps` shows to every user.
@@ -47,6 +51,12 @@ class UpSettings(BaseModel):
     layers_per_function: int = Field(1, ge=1)
     idle_timeout: PositiveDuration = Field("60s", description="functions scale to zero after this long idle")
     workdir: Path = Path(".faasmoe")
+    # None: as `faasmoe serve` defaults them (ServeSettings), where they are validated.
+    prewarm: PrewarmMode | None = None
+    prewarm_threshold: float | None = None
+    routing_profile: Path | None = Field(None, description=f"None: {ROUTING_PROFILE_FILE} in the workdir")
+    routing_profile_interval_s: float | None = None
+    keep_alive: KeepAliveMode | None = None
     default_preset: str = "qwen1.5-bench"  # the real per-layer shapes, shallow, small vocabulary
 
 
@@ -62,6 +72,7 @@ def up(settings: UpSettings, console: Console | None = None) -> None:
     model_dir = settings.model or _default_model(settings, console)
     plan_dir = _plan(model_dir, settings, console)
     tenants = settings.tenants or _demo_tenants(settings.workdir / TENANTS_FILE)
+    routing_profile = settings.routing_profile or settings.workdir / ROUTING_PROFILE_FILE
     gateway_log = settings.workdir / "gateway.log"
     password = secrets.token_urlsafe(32)
     credentials = {GATEWAY_USER_VARIABLE: GATEWAY_USER, GATEWAY_PASSWORD_VARIABLE: password}
@@ -81,7 +92,10 @@ def up(settings: UpSettings, console: Console | None = None) -> None:
         serve(ServeSettings(model=model_dir, plan=plan_dir, gateway=gateway.url, tenants=tenants,
                             gateway_basic_auth=SecretStr(f"{GATEWAY_USER}:{password}"), reconcile=True,
                             functions=functions, metrics_key=SecretStr(metrics_key), host=settings.host,
-                            port=settings.port))  # fmt: skip
+                            port=settings.port, routing_profile=routing_profile,
+                            **given(prewarm=settings.prewarm, prewarm_threshold=settings.prewarm_threshold,
+                                    routing_profile_interval_s=settings.routing_profile_interval_s,
+                                    keep_alive=settings.keep_alive)))  # fmt: skip
 
 
 class UpProcess(ServiceProcess):

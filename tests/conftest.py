@@ -46,3 +46,24 @@ def tiny_sharded(models_dir: Path) -> Path:
     return _model(
         models_dir, "tiny-sharded", InitModelOptions(preset="tiny", dtype="float32", seed=4, max_shard_size="300KB")
     )
+
+
+# The other MoE families (faasmoe/model/families.py), written by transformers' own classes in their hub layout.
+@pytest.fixture(scope="session")
+def qwen3_fp32(models_dir: Path) -> Path:
+    return _model(models_dir, "qwen3-fp32", InitModelOptions(preset="qwen3-tiny", dtype="float32", seed=5))
+
+
+@pytest.fixture(scope="session")
+def qwen3_bf16(models_dir: Path) -> Path:
+    return _model(models_dir, "qwen3-bf16", InitModelOptions(preset="qwen3-tiny", dtype="bfloat16", seed=6))
+
+
+@pytest.fixture(scope="session")
+def mixtral_fp32(models_dir: Path) -> Path:
+    return _model(models_dir, "mixtral-fp32", InitModelOptions(preset="mixtral-tiny", dtype="float32", seed=7))
+
+
+@pytest.fixture(scope="session")
+def mixtral_bf16(models_dir: Path) -> Path:
+    return _model(models_dir, "mixtral-bf16", InitModelOptions(preset="mixtral-tiny", dtype="bfloat16", seed=8))

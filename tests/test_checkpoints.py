@@ -99,8 +99,10 @@ def test_export_writes_hub_layout_and_sizes(tiny_fp32, tmp_path):
     function = plan.functions[0]
     with safe_open(str(tmp_path / "plan" / function.shard), framework="pt") as f:
         keys = sorted(f.keys())
-    assert keys[0] == "model.layers.0.mlp.experts.0.down_proj.weight"
-    assert len(keys) == 3 * len(function.experts)
+    # [gate; up] in one tensor, as the maths reads it (shard format 2), and down.
+    prefix = "model.layers.0.mlp.experts.0"
+    assert keys[:2] == [f"{prefix}.down_proj.weight", f"{prefix}.gate_up_proj.weight"]
+    assert len(keys) == 2 * len(function.experts)
     assert function.bytes > 0
     with safe_open(str(tmp_path / "plan" / plan.trunk), framework="pt") as f:
         assert not any(".mlp.experts." in k for k in f.keys())

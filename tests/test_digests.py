@@ -59,7 +59,7 @@ def rewrite_plan(plan_dir: Path, change) -> None:
 def test_export_records_the_sha256_of_every_file_written(exported) -> None:
     plan, plan_dir = exported
     saved = json.loads((plan_dir / PLAN_FILE).read_text())
-    assert saved["version"] == plan.version == PLAN_VERSION == 2
+    assert saved["version"] == plan.version == PLAN_VERSION == 3
     assert saved["trunk_sha256"] == sha256_of(plan_dir / plan.trunk)
     assert [f["sha256"] for f in saved["functions"]] == [sha256_of(plan_dir / f.shard) for f in plan.functions]
     assert len({f.sha256 for f in plan.functions}) == len(plan.functions)
@@ -109,12 +109,12 @@ def test_version_1_plan_loads_unverified_with_a_warning(tiny_fp32: Path, exporte
 def test_plan_without_a_digest_or_from_a_newer_faasmoe_is_refused(exported) -> None:
     plan, plan_dir = exported
     rewrite_plan(plan_dir, lambda document: document["functions"][2].pop("sha256"))
-    with pytest.raises(PlanError, match=f"version 2\\) records no sha256 of {plan.functions[2].shard}"):
+    with pytest.raises(PlanError, match=f"version 3\\) records no sha256 of {plan.functions[2].shard}"):
         Plan.load(plan_dir)
-    rewrite_plan(plan_dir, lambda document: document.update(version=3))
-    with pytest.raises(PlanError, match="plan version 3; this faasmoe reads versions up to 2"):
+    rewrite_plan(plan_dir, lambda document: document.update(version=4))
+    with pytest.raises(PlanError, match="plan version 4; this faasmoe reads versions up to 3"):
         Plan.load(plan_dir)
-    rewrite_plan(plan_dir, lambda document: document.update(version=2, trunk_sha256="not-hex"))
+    rewrite_plan(plan_dir, lambda document: document.update(version=3, trunk_sha256="not-hex"))
     with pytest.raises(PlanError, match="trunk_sha256"):
         Plan.load(plan_dir)
 

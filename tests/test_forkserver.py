@@ -7,8 +7,12 @@ The embedded gateway forks faasmoe's function replicas from one process that imp
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from faasmoe.planning.deploy import deploy_plan
 from faasmoe.planning.export import export
 from faasmoe.planning.plan import Plan
 from faasmoe.planning.stack import StackSettings
+from faasmoe.process import listening_socket
 from tests.conftest import TEST_THREADS
 from tests.reference import load_reference, reference_greedy
 from tests.test_remote_e2e import PROMPTS, deploy, remote_model
@@ -105,6 +110,36 @@ def test_a_killed_zygote_takes_its_replicas_and_is_started_again(tiny_fp32, plan
         (again,) = zygotes(gateway)
         assert again.pid != zygote.pid
         assert {p.ppid() for p in gateway.function_processes()} == {again.pid}
+
+
+def test_a_replica_serves_on_the_socket_bound_for_it_before_it_started(plan_dir, tmp_path):
+    """No check-then-bind race: the port is held from before the replica runs until it serves on it."""
+    listener = listening_socket()
+    port = listener.getsockname()[1]
+    function = Plan.load(plan_dir).functions[0].name
+    env = {"FAASMOE_FUNCTION": function, "FAASMOE_WEIGHTS_URI": str(plan_dir), "FAASMOE_THREADS": str(TEST_THREADS)}
+    env |= {"FAASMOE_LISTEN_FD": str(listener.fileno()), "FAASMOE_PORT": str(port)}
+    with (tmp_path / "replica.log").open("wb") as log:
+        replica = subprocess.Popen([sys.executable, "-m", "faasmoe.function"], env=os.environ | env,
+                                   pass_fds=(listener.fileno(),), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    listener.close()  # the replica holds the only copy now, before its interpreter has even started
+    try:
+        with pytest.raises(OSError) as taken:
+            socket.create_server(("127.0.0.1", port))
+        assert taken.value.errno == errno.EADDRINUSE
+        ready = f"http://127.0.0.1:{port}/ready"
+        wait_until(lambda: replica.poll() is not None or _answers(ready), "the replica answers on its socket")
+        assert replica.poll() is None, (tmp_path / "replica.log").read_text()
+    finally:
+        replica.terminate()
+        replica.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, trust_env=False).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def test_exec_spawn_runs_every_replica_as_a_new_interpreter(tiny_fp32, plan_dir, expected):

@@ -53,7 +53,7 @@ def deployment(name: str, labels: dict[str, str] | None = None, **env: str) -> F
 def starts(log_dir: Path, name: str) -> int:
     """How many replicas of ``name`` the launcher started: each start is a line in the function's log."""
     path = log_dir / f"{name}.log"
-    return path.read_text().count(" starting replica on port ") if path.exists() else 0
+    return path.read_text().count(" starting replica: ") if path.exists() else 0
 
 
 async def get(registry: FunctionRegistry, replica: Replica, path: str) -> str:

@@ -46,6 +46,14 @@ class ModelInfo:
     def num_layers(self) -> int:
         return int(self.config["num_hidden_layers"])
 
+    @property
+    def moe_layers(self) -> list[int]:
+        """The layers with routed experts, as Qwen2-MoE picks them (every ``decoder_sparse_step``-th, less
+        ``mlp_only_layers``)."""
+        step = int(self.config.get("decoder_sparse_step", 1) or 1)
+        dense = set(self.config.get("mlp_only_layers") or [])
+        return [i for i in range(self.num_layers) if (i + 1) % step == 0 and i not in dense]
+
     def summary(self) -> dict[str, object]:
         return {k: self.config[k] for k in SUMMARY_KEYS if k in self.config}
 

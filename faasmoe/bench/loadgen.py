@@ -1,16 +1,18 @@
-"""The load generator: replays a trace open-loop against OpenAI-compatible /v1/completions, streaming.
+"""The load generators: a trace replayed open-loop, or N closed-loop streams, against /v1/completions, streaming.
 
-Each request is sent at its trace time whether or not earlier ones have finished (open loop, as
-independent users would), with ``stream: true`` so the arrival of every token is timed: TTFT is
-the first token's arrival, TPOT the mean gap between the following ones.
+Open loop (``LoadGenerator``): each request is sent at its trace time whether or not earlier ones have
+finished, as independent users would. Closed loop (``ClosedLoop``, the saturation run): each of N
+streams sends its next request as soon as its last one finished. Requests use ``stream: true`` so the
+arrival of every token is timed: TTFT is the first token's arrival, TPOT the mean gap between the following ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -108,38 +110,104 @@ class LoadGenerator:
         result = RequestResult(
             request.tenant, request.t, time.monotonic() - self.t0, len(request.prompt_ids), request.max_tokens
         )
-        try:
-            await self._stream(http, request, result)
-        except Exception as exc:  # noqa: BLE001 - any failure is this request's error, never the run's
-            result.error = f"{type(exc).__name__}: {exc}"
-        result.end_t = time.monotonic() - self.t0
-        if result.error is None and not result.token_times:
-            result.error = "no tokens in the stream"
+        await send(http, self.endpoints[request.tenant], request, result, self.t0)
         if self.on_done is not None:
             self.on_done(result)
         return result
 
-    async def _stream(self, http: httpx.AsyncClient, request: TraceRequest, result: RequestResult) -> None:
-        endpoint = self.endpoints[request.tenant]
-        body = completion_body(request, endpoint.model)
-        headers = {"Authorization": f"Bearer {endpoint.api_key}"}
-        async with http.stream("POST", endpoint.base_url + "/v1/completions", json=body, headers=headers) as response:
-            if response.status_code != httpx.codes.OK:
-                text = (await response.aread()).decode(errors="replace")[:300]
-                result.error = f"HTTP {response.status_code}: {text}"
+
+@dataclass
+class ClosedLoop:
+    """``streams`` concurrent streams cycling through ``requests``; each sends its next when one finishes.
+
+    A stream whose request fails stops (its error is in the results), rather than retrying in a busy loop.
+    """
+
+    requests: list[TraceRequest]
+    endpoints: dict[str, Endpoint]  # by tenant
+    streams: int
+    request_timeout_s: float
+
+    def warm_up(self) -> list[RequestResult]:
+        """One request per stream, all at once, unmeasured: every function the load calls is warm after."""
+        return asyncio.run(self._with_client(lambda http: self._round(http, time.monotonic())))
+
+    def run(self, t0: float, duration_s: float) -> list[RequestResult]:
+        """Every request sent from ``t0`` (time.monotonic()) for ``duration_s``; times are seconds since ``t0``.
+
+        Requests in flight at the end are cut off there; the tokens they streamed until then count.
+        """
+        return asyncio.run(self._with_client(lambda http: self._window(http, t0, duration_s)))
+
+    async def _with_client(self, run: Callable[[httpx.AsyncClient], Awaitable[list[RequestResult]]]):
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(64, self.streams))
+        timeout = httpx.Timeout(self.request_timeout_s, connect=10.0)
+        async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as http:
+            return await run(http)
+
+    async def _round(self, http: httpx.AsyncClient, t0: float) -> list[RequestResult]:
+        requests = [self._request(number, t0) for number in range(self.streams)]
+        await asyncio.gather(*(send(http, self.endpoints[r.tenant], r, result, t0) for r, result in requests))
+        return [result for _, result in requests]
+
+    async def _window(self, http: httpx.AsyncClient, t0: float, duration_s: float) -> list[RequestResult]:
+        results: list[RequestResult] = []
+        streams = [asyncio.create_task(self._stream(http, index, t0, results)) for index in range(self.streams)]
+        await asyncio.sleep(max(0.0, t0 + duration_s - time.monotonic()))
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+        return results
+
+    async def _stream(self, http: httpx.AsyncClient, index: int, t0: float, results: list[RequestResult]) -> None:
+        for number in itertools.count(index + self.streams, self.streams):  # the warm-up sent the first
+            request, result = self._request(number, t0)
+            results.append(result)  # before it is sent: one cut off at the end still counts its tokens
+            await send(http, self.endpoints[request.tenant], request, result, t0)
+            if result.error is not None:
                 return
-            async for line in response.aiter_lines():
-                if not line.startswith(_SSE_DATA):
-                    continue
-                data = line[len(_SSE_DATA) :].strip()
-                if data == _SSE_DONE:
-                    return
-                now = time.monotonic() - self.t0
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = str(chunk["error"])[:300]
-                    return
-                result.token_times += [now] * tokens_in_chunk(chunk)
+
+    def _request(self, number: int, t0: float) -> tuple[TraceRequest, RequestResult]:
+        request = self.requests[number % len(self.requests)]
+        sent = time.monotonic() - t0
+        return request, RequestResult(request.tenant, sent, sent, len(request.prompt_ids), request.max_tokens)
+
+
+async def send(
+    http: httpx.AsyncClient, endpoint: Endpoint, request: TraceRequest, result: RequestResult, t0: float
+) -> None:
+    """Streams ``request`` into ``result``: token arrivals and the end in seconds since ``t0``, or its error."""
+    try:
+        await _stream(http, endpoint, request, result, t0)
+    except Exception as exc:  # noqa: BLE001 - any failure is this request's error, never the run's
+        result.error = f"{type(exc).__name__}: {exc}"
+    result.end_t = time.monotonic() - t0
+    if result.error is None and not result.token_times:
+        result.error = "no tokens in the stream"
+
+
+async def _stream(
+    http: httpx.AsyncClient, endpoint: Endpoint, request: TraceRequest, result: RequestResult, t0: float
+) -> None:
+    body = completion_body(request, endpoint.model)
+    headers = {"Authorization": f"Bearer {endpoint.api_key}"}
+    async with http.stream("POST", endpoint.base_url + "/v1/completions", json=body, headers=headers) as response:
+        if response.status_code != httpx.codes.OK:
+            text = (await response.aread()).decode(errors="replace")[:300]
+            result.error = f"HTTP {response.status_code}: {text}"
+            return
+        async for line in response.aiter_lines():
+            if not line.startswith(_SSE_DATA):
+                continue
+            data = line[len(_SSE_DATA) :].strip()
+            if data == _SSE_DONE:
+                return
+            now = time.monotonic() - t0
+            chunk = json.loads(data)
+            if "error" in chunk:
+                result.error = str(chunk["error"])[:300]
+                return
+            result.token_times += [now] * tokens_in_chunk(chunk)
 
 
 def completion_body(request: TraceRequest, model: str) -> dict[str, object]:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, TypeVar
 
 from faasmoe.bench.loadgen import RequestResult
 from faasmoe.bench.sampler import ROLES, Sample
+
+if TYPE_CHECKING:  # they build on this module's Percentiles
+    from faasmoe.bench.breakdown import StepFigures
+    from faasmoe.bench.elasticity import ElasticityFigures
+    from faasmoe.bench.saturation import SaturationFigures
 
 GB = 1e9
 
@@ -79,6 +85,14 @@ class CostFigures:
     total_usd: float  # every process billed the same way, for comparing with systems without functions
 
 
+@dataclass(frozen=True)
+class Extrapolation:
+    """A system measured as one copy of several (full-per-tenant, where N full models do not fit in memory)."""
+
+    copies: int  # memory, CPU, cost and weights are the one copy's times this
+    measured_tenant: str  # the copy served this tenant's share of the trace: the request figures are its own
+
+
 @dataclass
 class SystemResult:
     system: str  # label, e.g. "faasmoe-shared/e20"
@@ -92,9 +106,41 @@ class SystemResult:
     requests: RequestFigures
     functions: FunctionFigures
     cost: CostFigures
+    steps: StepFigures | None = None  # where the decode steps' time went (None: not read)
+    saturation: SaturationFigures | None = None  # the closed-loop run, if asked for and of a saturated kind
+    weights_gb: float = 0.0  # weight bytes the system holds with everything resident (a model per copy)
+    elasticity: ElasticityFigures | None = None  # systems whose functions scale to zero
+    extrapolated: Extrapolation | None = None  # None: every process measured
     # Time series: (t, total PSS GB) and (t, function processes alive).
     memory_series: list[tuple[float, float]] = field(default_factory=list)
     replica_series: list[tuple[float, int]] = field(default_factory=list)
+
+
+def extrapolated(result: SystemResult, copies: int, measured_tenant: str) -> SystemResult:
+    """``result`` of one copy as ``copies`` copies would show it: memory, CPU, cost and weights times ``copies``
+    (the processes' shared libraries too, which N processes would share: a slight overestimate)."""
+
+    return replace(
+        result,
+        memory=_times(result.memory, copies, [f.name for f in fields(MemoryFigures)]),
+        cpu=_times(result.cpu, copies, ["cpu_s", "avg_cpu_pct", "cpu_s_by_role"]),
+        cost=_times(result.cost, copies, ["function_usd", "total_usd"]),
+        weights_gb=result.weights_gb * copies,
+        memory_series=[(t, gb * copies) for t, gb in result.memory_series],
+        extrapolated=Extrapolation(copies, measured_tenant),
+    )
+
+
+Figures = TypeVar("Figures", MemoryFigures, CpuFigures, CostFigures)
+
+
+def _times(figures: Figures, factor: int, names: list[str]) -> Figures:
+    """``figures`` with the named fields (numbers, or dicts of numbers) multiplied by ``factor``."""
+    scaled = {}
+    for name in names:
+        value = getattr(figures, name)
+        scaled[name] = {k: v * factor for k, v in value.items()} if isinstance(value, dict) else value * factor
+    return replace(figures, **scaled)
 
 
 def percentile(ordered: list[float], q: float) -> float:

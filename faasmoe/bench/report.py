@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from faasmoe.bench.breakdown import StepFigures
+from faasmoe.bench.elasticity import TARGET_COLD_PENALTY_VS_WAKE, ElasticityFigures
 from faasmoe.bench.metrics import Percentiles, SystemResult
 from faasmoe.bench.settings import SystemKind
 
@@ -18,8 +20,12 @@ PAPER = {
 }
 # Our targets, as ratios (printed, not asserted).
 TARGET_MEMORY_VS_FULL = 0.20
+TARGET_MEMORY_VS_FULL_SHARED = 0.6
 TARGET_CPU_VS_FULL = 0.25
 TARGET_TPOT_VS_FULL_SHARED = 1.25
+TARGET_SATURATION_VS_FULL_SHARED = 0.85  # at least
+TARGET_CPU_PER_TOKEN_VS_FULL_SHARED = 1.10
+TARGET_CALL_OVERHEAD_P50_MS = 0.3
 JSON_FILE = "bench.json"
 MARKDOWN_FILE = "bench.md"
 
@@ -37,6 +43,52 @@ MEMORY_ACCOUNTING = (
     "processes started inside the window; fn replicas are the function processes alive, time-averaged. The "
     "cost prices memory-time at a public serverless rate (AWS Lambda x86, $/GB-s as in the settings): 'fns' "
     "bills only the expert functions, 'all' every process."
+)
+BREAKDOWN_NOTE = (
+    "Per decode step (steps that computed no prompt), means in ms, from the servers' /metrics over the "
+    "window: trunk + expert hand-off + expert wait = the step's mean. Trunk: attention, norms, routers, "
+    "shared experts, LM head and sampling. Expert hand-off: the time inside the executor's submit, i.e. "
+    "scatter and encode with functions, or the routed experts' whole compute in-process (the full-model "
+    "systems). Expert wait: blocked on the functions after the shared expert. Calls: function "
+    "invocations per step (every phase); a warm call's compute is the function's own (its compute "
+    "header), its overhead the round trip minus that (gateway queueing, transport, thread hops, "
+    "decoding); percentiles are interpolated within the histograms' buckets. Trace rows include steps "
+    "that waited for cold starts (see the cold starts above); saturation rows are warm, closed loop with "
+    "N streams. CPU-s / token: every process of the system over the window."
+)
+
+
+MEMORY_NOTE = (
+    "Weights: the bytes of weight files the system holds once everything is resident (one model, or one per "
+    "tenant for full-per-tenant): what it cannot hold less than while fully warm. PSS above the weights is "
+    "the rest: torch and its libraries, KV caches, buffers, copies. An extrapolated row measured one copy "
+    "serving one tenant's share of the trace and multiplies its memory, CPU, cost and weights by the "
+    "tenants (its shared libraries too, which N processes would share: a slight overestimate); its request "
+    "figures are that copy's own."
+)
+COLD_NOTE = (
+    "Cold requests arrived after the whole system had been idle (no request in flight) for longer than the "
+    "keep-alive label plus one reaper period, so every function was at zero; warm requests were sent after "
+    "the latest cold request's first token; those in between queued behind the cold start and are neither. "
+    "Wake all: before the trace, every function of the plan at zero is asked for one replica at once "
+    "(POST /system/scale-function/{name}), timed until each has been ready; the median of the wakes. "
+    f"Target: cold p99 - warm p99 <= {TARGET_COLD_PENALTY_VS_WAKE:g}x wake all (cold starts paid at once, "
+    "not layer after layer). On one machine waking N functions costs about the sum of their loads."
+)
+PREWARM_NOTE = (
+    "Invocations: function calls in the window. Misses: invocations that met their function at zero and "
+    "started it themselves (replica starts less prewarm wakes that scaled a function from zero); hit rate = "
+    "1 - misses / invocations, the share that found their function warm or already starting. Wasted: "
+    "replicas started and never invoked before they stopped (replica starts less invocations that met a "
+    "fresh replica). Lookahead (prewarm predicted): of the layers it guessed, the share of (token, expert) "
+    "choices it foresaw (slot accuracy, FATE's figure) and of invoked functions it named ahead (foreseen)."
+)
+KEEP_ALIVE_NOTE = (
+    "Met cold: requests in flight while a function replica started (in shared mode every running request's "
+    "next step waits for a function the step invokes; a wasted prewarm counts too). Function GB-s: the "
+    "replicas' PSS integral over the window. Scale-downs: functions the control plane scaled to zero, idle "
+    "past their keep-alive (adaptive; fixed leaves it to the gateway's idle timeout). Adaptive is a Pareto "
+    "improvement over fixed (same granularity and prewarm) with no more of either and less of one."
 )
 
 
@@ -86,6 +138,19 @@ class BenchReport:
             "",
             MEMORY_ACCOUNTING,
             "",
+            "## Memory against weights",
+            "",
+            *memory_table(self.results),
+            "",
+            MEMORY_NOTE,
+            "",
+            "## Step-time breakdown",
+            "",
+            *breakdown_table(self.results),
+            "",
+            BREAKDOWN_NOTE,
+            "",
+            *elasticity_sections(self.results),
         ]
         if self.targets:
             lines += ["## Targets", "", *targets_table(self.targets), ""]
@@ -103,15 +168,33 @@ def evaluate_targets(results: list[SystemResult]) -> list[TargetCheck]:
     checks: list[TargetCheck] = []
     for run in by_kind.get(SystemKind.FAASMOE_SHARED.value, []):
         memory = _ratio(run.memory.avg_pss_gb, full.memory.avg_pss_gb if full else None)
+        versus_shared = _ratio(run.memory.avg_pss_gb, shared.memory.avg_pss_gb if shared else None)
         cpu = _ratio(run.cpu.cpu_s, full.cpu.cpu_s if full else None)
         versus_static = _ratio(run.memory.avg_pss_gb, static.memory.avg_pss_gb if static else None)
         tpot = _ratio(run.requests.tpot_s.p50, shared.requests.tpot_s.p50 if shared else None)
         checks += [
             _check("avg memory vs full-per-tenant", run.system, memory, TARGET_MEMORY_VS_FULL),
+            _check("avg memory vs full-shared", run.system, versus_shared, TARGET_MEMORY_VS_FULL_SHARED),
             _check("CPU-seconds vs full-per-tenant", run.system, cpu, TARGET_CPU_VS_FULL),
             _check("avg memory vs static-experts (< 1)", run.system, versus_static, 1.0, strict=True),
             _check("TPOT p50 vs full-shared", run.system, tpot, TARGET_TPOT_VS_FULL_SHARED),
         ]
+        if run.elasticity is not None:
+            ratio, limit = run.elasticity.cold.penalty_vs_wake, TARGET_COLD_PENALTY_VS_WAKE
+            checks.append(_check("cold - warm TTFT p99 vs wake all", run.system, ratio, limit))
+        overhead = run.steps.call_overhead_s.p50 if run.steps else None
+        if overhead is not None:
+            ms = overhead * 1e3
+            checks.append(_check("call overhead p50 ms (trace)", run.system, ms, TARGET_CALL_OVERHEAD_P50_MS))
+        if run.saturation is not None:
+            baseline = shared.saturation if shared else None
+            throughput = _ratio(run.saturation.throughput_tok_s, baseline.throughput_tok_s if baseline else None)
+            per_token = _ratio(run.saturation.cpu_s_per_token, baseline.cpu_s_per_token if baseline else None)
+            minimum, cpu_limit = TARGET_SATURATION_VS_FULL_SHARED, TARGET_CPU_PER_TOKEN_VS_FULL_SHARED
+            checks += [
+                _check("saturation tok/s vs full-shared (>=)", run.system, throughput, minimum, at_least=True),
+                _check("saturation CPU-s/token vs full-shared", run.system, per_token, cpu_limit),
+            ]
     return checks
 
 
@@ -126,8 +209,8 @@ def markdown_table(results: list[SystemResult], failures: list[SystemFailure]) -
     for r in results:
         m, c, q, f = r.memory, r.cpu, r.requests, r.functions
         lines.append(
-            f"| {r.system} | {f.deployed or '-'} | {m.avg_pss_gb:.2f} | {m.peak_pss_gb:.2f} | {m.avg_anon_gb:.2f} "
-            f"| {m.avg_file_gb:.2f} | {m.pss_gb_s:.0f} | {c.cpu_s:.1f} | {c.avg_cpu_pct:.0f} "
+            f"| {system_cell(r)} | {f.deployed or '-'} | {m.avg_pss_gb:.2f} | {m.peak_pss_gb:.2f} "
+            f"| {m.avg_anon_gb:.2f} | {m.avg_file_gb:.2f} | {m.pss_gb_s:.0f} | {c.cpu_s:.1f} | {c.avg_cpu_pct:.0f} "
             f"| {_pair(q.ttft_s, 1, 2)} | {_pair(q.tpot_s, 1000, 0)} | {_pair(q.e2e_s, 1, 2)} "
             f"| {q.throughput_tok_s:.1f} | {f.cold_starts} | {_opt(f.avg_replicas, 1)} "
             f"| {r.cost.function_usd:.5f} / {r.cost.total_usd:.5f} | {q.completed} / {q.requests} |"
@@ -138,13 +221,172 @@ def markdown_table(results: list[SystemResult], failures: list[SystemFailure]) -
     return lines
 
 
+def system_cell(result: SystemResult) -> str:
+    """The system's label, marked when its figures are extrapolated from one copy."""
+    e = result.extrapolated
+    return result.system if e is None else f"{result.system} (extrapolated: 1 copy x{e.copies})"
+
+
+def memory_table(results: list[SystemResult]) -> list[str]:
+    """Each system's PSS next to its weight bytes, and its average against the full-model baselines."""
+    full = next((r for r in results if r.kind == SystemKind.FULL_PER_TENANT.value), None)
+    shared = next((r for r in results if r.kind == SystemKind.FULL_SHARED.value), None)
+    lines = [
+        "| system | weights GB | avg PSS GB | peak PSS GB | peak PSS / weights | avg PSS vs full-per-tenant "
+        "| avg PSS vs full-shared |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        m = r.memory
+        versus = [_ratio(m.avg_pss_gb, b.memory.avg_pss_gb if b else None) for b in (full, shared)]
+        lines.append(
+            f"| {system_cell(r)} | {r.weights_gb:.3g} | {m.avg_pss_gb:.2f} | {m.peak_pss_gb:.2f} "
+            f"| {_opt(_ratio(m.peak_pss_gb, r.weights_gb), 2)} | {_opt(versus[0], 3)} | {_opt(versus[1], 3)} |"
+        )
+    return lines
+
+
+def elasticity_sections(results: list[SystemResult]) -> list[str]:
+    """The cold-start, prewarm and keep-alive tables of the systems whose functions scale to zero."""
+    runs = [r for r in results if r.elasticity is not None]
+    if not runs:
+        return []
+    return [
+        "## Cold starts after idle",
+        "",
+        *cold_table(runs),
+        "",
+        COLD_NOTE,
+        "",
+        "## Prewarm: hit rate and waste",
+        "",
+        *prewarm_table(runs),
+        "",
+        PREWARM_NOTE,
+        "",
+        "## Keep-alive: adaptive against fixed",
+        "",
+        *keep_alive_table(runs),
+        "",
+        KEEP_ALIVE_NOTE,
+        "",
+    ]
+
+
+def cold_table(runs: list[SystemResult]) -> list[str]:
+    lines = [
+        "| system | idle before cold s | cold / warm requests | cold TTFT p99 s | warm TTFT p99 s | cold - warm s "
+        "| wake all s (functions, runs) | (cold - warm) / wake all | met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        c = _elastic(r).cold
+        if c.wake is None:
+            wake = "-"
+        else:
+            wake = f"{_opt(c.wake.median_s, 2)} ({c.wake.functions}, {len(c.wake.runs_s)})"
+            wake += f"; {c.wake.error}" if c.wake.error else ""
+        met = _check("", r.system, c.penalty_vs_wake, TARGET_COLD_PENALTY_VS_WAKE).met
+        lines.append(
+            f"| {r.system} | > {c.idle_s:g} | {c.cold_requests} / {c.warm_requests} | {_opt(c.cold_ttft_p99_s, 2)} "
+            f"| {_opt(c.warm_ttft_p99_s, 2)} | {_opt(c.penalty_s, 2)} | {wake} | {_opt(c.penalty_vs_wake, 2)} "
+            f"| {_met(met)} |"
+        )
+    return lines
+
+
+def prewarm_table(runs: list[SystemResult]) -> list[str]:
+    lines = [
+        "| system | prewarm | invocations | replica starts | wakes (already up, failed) | misses | hit rate "
+        "| wasted prewarms | lookahead slot accuracy | lookahead foreseen |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        e = _elastic(r)
+        p = e.prewarms
+        lines.append(
+            f"| {r.system} | {e.prewarm or 'default'} | {p.invocations} | {p.replica_starts} "
+            f"| {p.wakes} ({p.already_up}, {p.failed_wakes}) | {p.misses} | {_opt(p.hit_rate, 3)} | {p.wasted} "
+            f"| {_opt(p.lookahead_slot_accuracy, 3)} | {_opt(p.lookahead_foreseen, 3)} |"
+        )
+    return lines
+
+
+def keep_alive_table(runs: list[SystemResult]) -> list[str]:
+    """Every run, and on each adaptive row its difference to the fixed run of the same plan and prewarm."""
+    lines = [
+        "| system | keep-alive | requests met cold / sent | fresh-replica invocations | function GB-s "
+        "| avg fn replicas | scale-downs | vs fixed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    fixed = {_pair_key(r): r for r in runs if _elastic(r).keep_alive == "fixed"}
+    for r in runs:
+        e = _elastic(r)
+        k = e.keep_alive_cost
+        versus = "-"
+        baseline = fixed.get(_pair_key(r)) if e.keep_alive == "adaptive" else None
+        if baseline is not None:
+            b = _elastic(baseline).keep_alive_cost
+            cold, gb_s = k.met_cold - b.met_cold, k.function_gb_s - b.function_gb_s
+            pareto = cold <= 0 and gb_s <= 0 and (cold < 0 or gb_s < 0)
+            versus = f"{cold:+d} met cold, {gb_s:+.1f} GB-s: Pareto {'yes' if pareto else '**no**'}"
+        lines.append(
+            f"| {r.system} | {e.keep_alive or 'default'} | {k.met_cold} / {k.requests} "
+            f"| {e.prewarms.fresh_replica_invocations} | {k.function_gb_s:.1f} | {_opt(r.functions.avg_replicas, 1)} "
+            f"| {k.scale_downs} | {versus} |"
+        )
+    return lines
+
+
+def _elastic(result: SystemResult) -> ElasticityFigures:
+    assert result.elasticity is not None
+    return result.elasticity
+
+
+def _pair_key(result: SystemResult) -> tuple[str, int | None, int | None, str | None]:
+    """What an adaptive run is compared on: the system kind, its plan and its prewarm mode."""
+    return result.kind, result.experts_per_function, result.layers_per_function, _elastic(result).prewarm
+
+
+def breakdown_table(results: list[SystemResult]) -> list[str]:
+    """Where each system's decode steps went: one row for the trace, one for the saturation run."""
+    header = (
+        "| system | run | decode steps | step p50 / mean ms | trunk ms | expert hand-off ms | expert wait ms "
+        "| calls / step | call compute p50 ms | call overhead p50 / p99 ms | out tok/s | CPU-s / token |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in results:
+        if r.steps is not None:
+            copies = r.extrapolated.copies if r.extrapolated else 1  # the tokens are the one copy's
+            tokens = r.requests.output_tokens
+            per_token = r.cpu.cpu_s / copies / tokens if tokens else None
+            lines.append(_breakdown_row(r.system, "trace", r.steps, r.requests.throughput_tok_s, per_token))
+        if r.saturation is not None:
+            sat = r.saturation
+            run = f"saturation, {sat.streams} streams"
+            lines.append(_breakdown_row(r.system, run, sat.steps, sat.throughput_tok_s, sat.cpu_s_per_token))
+    return lines
+
+
+def _breakdown_row(system: str, run: str, s: StepFigures, tok_s: float, cpu_per_token: float | None) -> str:
+    calls = "-" if s.calls_per_step is None else f"{s.calls_per_step:.1f}"
+    return (
+        f"| {system} | {run} | {s.decode_steps} | {_pair_mean(s.step_s)} | {_ms(s.trunk_s)} "
+        f"| {_ms(s.expert_submit_s)} | {_ms(s.expert_wait_s)} | {calls} | {_ms(s.call_compute_s.p50, 2)} "
+        f"| {_pair(s.call_overhead_s, 1000, 2)} | {tok_s:.1f} | {_opt(cpu_per_token, 3)} |"
+    )
+
+
 def targets_table(checks: list[TargetCheck]) -> list[str]:
     lines = ["| target | system | value | limit | met |", "|---|---|---|---|---|"]
     for check in checks:
         value = "n/a" if check.value is None else f"{check.value:.3f}"
-        met = "n/a" if check.met is None else ("yes" if check.met else "**no**")
-        lines.append(f"| {check.target} | {check.system} | {value} | {check.limit:g} | {met} |")
+        lines.append(f"| {check.target} | {check.system} | {value} | {check.limit:g} | {_met(check.met)} |")
     return lines
+
+
+def _met(met: bool | None) -> str:
+    return "n/a" if met is None else ("yes" if met else "**no**")
 
 
 def _first(by_kind: dict[str, list[SystemResult]], kind: SystemKind) -> SystemResult | None:
@@ -158,8 +400,15 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
     return value / reference
 
 
-def _check(target: str, system: str, value: float | None, limit: float, strict: bool = False) -> TargetCheck:
-    met = None if value is None else (value < limit if strict else value <= limit)
+def _check(
+    target: str, system: str, value: float | None, limit: float, strict: bool = False, at_least: bool = False
+) -> TargetCheck:
+    if value is None:
+        met = None
+    elif at_least:
+        met = value >= limit
+    else:
+        met = value < limit if strict else value <= limit
     return TargetCheck(target, system, value, limit, met)
 
 
@@ -169,6 +418,16 @@ def _pair(p: Percentiles, scale: float, digits: int) -> str:
     return f"{p.p50 * scale:.{digits}f} / {p.p99 * scale:.{digits}f}"
 
 
+def _pair_mean(p: Percentiles) -> str:
+    if p.p50 is None or p.mean is None:
+        return "-"
+    return f"{p.p50 * 1000:.1f} / {p.mean * 1000:.1f}"
+
+
+def _ms(seconds: float | None, digits: int = 1) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.{digits}f}"
+
+
 def _opt(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -176,7 +435,8 @@ def _opt(value: float | None, digits: int) -> str:
 def _model_line(model: dict) -> str:
     config = model.get("config", {})
     fields = ", ".join(f"{k}={v}" for k, v in config.items())
-    return f"{model.get('preset', 'checkpoint')} ({fields})"
+    layers = f"{model['moe_layers']} MoE layers; " if "moe_layers" in model else ""
+    return f"{model.get('preset') or 'checkpoint'} ({layers}{fields})"
 
 
 def _trace_line(trace: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -13,14 +14,24 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from faasmoe.bench.assets import Assets, prepare_model
+from faasmoe.bench.loadgen import RequestResult
 from faasmoe.bench.measure import measure
-from faasmoe.bench.metrics import SystemResult
+from faasmoe.bench.metrics import GB, SystemResult, extrapolated
 from faasmoe.bench.plots import write_plots
-from faasmoe.bench.report import MARKDOWN_FILE, BenchReport, SystemFailure, evaluate_targets, markdown_table
+from faasmoe.bench.report import (
+    MARKDOWN_FILE,
+    BenchReport,
+    SystemFailure,
+    breakdown_table,
+    elasticity_sections,
+    evaluate_targets,
+    markdown_table,
+    memory_table,
+)
 from faasmoe.bench.report import write_report as write_report_files
 from faasmoe.bench.settings import BenchSettings, SystemKind
 from faasmoe.bench.systems import SystemSpec, launched, system_specs
-from faasmoe.bench.workload import generate_trace, load_trace
+from faasmoe.bench.workload import Trace, generate_trace, load_trace
 from faasmoe.errors import FaasmoeError
 
 TRACE_FILE = "trace.jsonl"
@@ -33,7 +44,7 @@ SETTLE_S = 1.0
 
 
 def run_bench(settings: BenchSettings) -> Path:
-    """Runs the benchmark; writes bench.md, bench.json, trace.jsonl, memory.png and sweep.png to ``settings.out``.
+    """Runs the benchmark; writes bench.md, bench.json, trace.jsonl and the plots (memory, sweep, breakdown) to ``out``.
 
     Returns the results directory. Every process started is stopped before this returns or raises.
     """
@@ -59,11 +70,14 @@ def run_bench(settings: BenchSettings) -> Path:
             assets.plan(spec.experts_per_function, spec.layers_per_function)
         progress.update(step, description="systems", total=len(specs), completed=0)
         for spec in specs:
-            task = progress.add_task(f"  {spec.label}", total=len(trace.requests))
+            task = progress.add_task(f"  {spec.label}", total=None)
             try:
-                _check_fits(spec, assets, len(trace.tenants))
-                with launched(spec, assets, trace.tenants, settings, run_dir / spec.label.replace("/", "-")) as system:
-                    results.append(measure(system, trace, settings, lambda _, t=task: progress.advance(t)))
+                tenants = _tenants_that_fit(spec, assets, trace.tenants, settings.full_per_tenant)
+                served = trace if tenants == trace.tenants else trace.only(tenants[0])
+                progress.update(task, total=len(served.requests))
+                log_dir = run_dir / spec.label.replace("/", "-")
+                result = _run(spec, assets, trace, served, settings, log_dir, lambda _, t=task: progress.advance(t))
+                results.append(result)
             except (FaasmoeError, httpx.HTTPError, OSError) as exc:
                 failures.append(SystemFailure(spec.label, str(exc)))
                 console.print(f"[red]{spec.label} failed:[/red] {str(exc)[:2000]}")
@@ -74,7 +88,11 @@ def run_bench(settings: BenchSettings) -> Path:
         command=command,
         machine=machine(),
         settings=settings.model_dump(mode="json"),
-        model={"preset": None if settings.model_dir else settings.preset, "config": assets.model.summary()},
+        model={
+            "preset": None if settings.model_dir else settings.preset,
+            "moe_layers": len(assets.model.moe_layers),
+            "config": assets.model.summary(),
+        },
         trace={
             "source": trace.source,
             "tenants": len(trace.tenants),
@@ -93,28 +111,55 @@ def run_bench(settings: BenchSettings) -> Path:
     write_plots(results, out)
     trace.save(out / TRACE_FILE)
     # The table goes to stdout as Markdown text, ready to paste; progress and notes go to stderr.
-    print("\n".join(markdown_table(results, failures)))
+    tables = [*markdown_table(results, failures), "", *memory_table(results), "", *breakdown_table(results)]
+    print("\n".join([*tables, "", *elasticity_sections(results)]))
     console.print(f"wrote {out / MARKDOWN_FILE} (logs in {run_dir})")
     return out
 
 
-def _check_fits(spec: SystemSpec, assets: Assets, tenants: int) -> None:
-    """Refuses a run whose worst case (every server and every function resident) would exhaust memory."""
+def _run(
+    spec: SystemSpec,
+    assets: Assets,
+    trace: Trace,
+    served: Trace,
+    settings: BenchSettings,
+    log_dir: Path,
+    on_request: Callable[[RequestResult], None],
+) -> SystemResult:
+    """One system on ``served`` (the trace, or one tenant's share of it for a copy of full-per-tenant)."""
+    with launched(spec, assets, served.tenants, settings, log_dir) as system:
+        result = measure(system, served, settings, on_request)
+    copies = len(served.tenants) if spec.kind is SystemKind.FULL_PER_TENANT else 1
+    result.weights_gb = copies * assets.weights_bytes(spec.experts_per_function, spec.layers_per_function) / GB
+    if served is not trace:  # one copy of N: its figures as N copies would show them
+        result = extrapolated(result, len(trace.tenants), served.tenants[0])
+    return result
+
+
+def _tenants_that_fit(spec: SystemSpec, assets: Assets, tenants: list[str], full_per_tenant: str) -> list[str]:
+    """The tenants the system serves: all of them, or one for full-per-tenant when N copies would not fit
+    (``full_per_tenant`` "auto") or when told ("one"). Refuses a run whose worst case (every server and
+    every function resident) would exhaust memory."""
     weights = assets.weights_bytes(assets.model.num_experts, assets.model.num_layers)
+    available = psutil.virtual_memory().available
+    serving = tenants
     if spec.kind is SystemKind.FULL_PER_TENANT:
-        needed = tenants * (weights + SERVER_OVERHEAD_BYTES)
+        all_fit = len(tenants) * (weights + SERVER_OVERHEAD_BYTES) <= available
+        if full_per_tenant == "one" or (full_per_tenant == "auto" and not all_fit):
+            serving = tenants[:1]
+        needed = len(serving) * (weights + SERVER_OVERHEAD_BYTES)
     elif spec.kind is SystemKind.FULL_SHARED:
         needed = weights + SERVER_OVERHEAD_BYTES
     else:
         plan = assets.plan(spec.experts_per_function, spec.layers_per_function)
         functions = len(list((plan / "functions").glob("*.safetensors")))
         needed = weights + SERVER_OVERHEAD_BYTES + functions * FUNCTION_OVERHEAD_BYTES
-    available = psutil.virtual_memory().available
     if needed > available:
         raise FaasmoeError(
             f"skipped: may need about {needed / 1e9:.1f} GB, {available / 1e9:.1f} GB available "
-            "(fewer --layers or tenants, or more experts/layers per function)"
+            "(fewer --layers or tenants, more experts/layers per function, or --full-per-tenant auto)"
         )
+    return serving
 
 
 def machine() -> str:

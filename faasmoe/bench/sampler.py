@@ -123,7 +123,7 @@ class ProcessTreeSampler:
         now = time.monotonic()
         baseline = not self.samples
         memory: dict[str, RoleMemory] = defaultdict(RoleMemory)
-        for pid, role in self._walk():
+        for pid, role in processes(self.roots):
             tracked = self._track(pid, role, now, baseline)
             if tracked is None:
                 continue
@@ -135,19 +135,6 @@ class ProcessTreeSampler:
         sample = Sample(now - self.t0, dict(memory), self._cpu_by_role())
         self.samples.append(sample)
         return sample
-
-    def _walk(self) -> list[tuple[int, str]]:
-        found: list[tuple[int, str]] = []
-        for root in self.roots:
-            try:
-                process = psutil.Process(root.pid)
-                if process.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                found.append((root.pid, root.role))
-                found += [(child.pid, _role(child, root)) for child in process.children(recursive=True)]
-            except psutil.Error:
-                continue
-        return found
 
     def _track(self, pid: int, role: str, now: float, baseline: bool) -> _Tracked | None:
         tracked = self._tracked.get(pid)
@@ -173,6 +160,21 @@ class ProcessTreeSampler:
         for tracked in [*self._retired, *self._tracked.values()]:
             totals[tracked.role] += tracked.cpu_last - tracked.cpu_at_start
         return dict(totals)
+
+
+def processes(roots: list[ProcessRoot]) -> list[tuple[int, str]]:
+    """(pid, role) of every live process of the system: the roots and their descendants."""
+    found: list[tuple[int, str]] = []
+    for root in roots:
+        try:
+            process = psutil.Process(root.pid)
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            found.append((root.pid, root.role))
+            found += [(child.pid, _role(child, root)) for child in process.children(recursive=True)]
+        except psutil.Error:
+            continue
+    return found
 
 
 def _role(child: psutil.Process, root: ProcessRoot) -> str:

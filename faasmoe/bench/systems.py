@@ -3,8 +3,9 @@
 full-per-tenant   N x `faasmoe serve` (no gateway: the whole model in each process), one tenant each
 full-shared       1 x `faasmoe serve` (no gateway) for every tenant
 static-experts    embedded gateway + ONE always-on function with every expert + `faasmoe serve --gateway`
-faasmoe-shared    embedded gateway, functions scaled to zero when idle + `faasmoe serve --gateway --mode shared`
-faasmoe-private   the same with `--mode private` (an engine per tenant)
+faasmoe-shared    embedded gateway, functions scaled to zero when idle + `faasmoe serve --gateway --mode shared`,
+                  once per --elasticity mode (`--prewarm P --keep-alive K`)
+faasmoe-private   the same with `--mode private` (an engine per tenant), with serve's default elasticity
 """
 
 from __future__ import annotations
@@ -13,22 +14,28 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from faasmoe.bench.assets import Assets
+from faasmoe.bench.breakdown import METRICS_KEY
 from faasmoe.bench.deploy import deploy, stack_settings, wait_warm
 from faasmoe.bench.loadgen import Endpoint
 from faasmoe.bench.sampler import ProcessRoot
-from faasmoe.bench.settings import BenchSettings, SystemKind
+from faasmoe.bench.settings import BenchSettings, Elasticity, SystemKind
 from faasmoe.gateway.embedded import GatewayProcess
 from faasmoe.server.process import ServeProcess
+from faasmoe.server.settings import ServeSettings
 
 MODEL_NAME = "bench"  # --served-model-name of every server
 # The gateway checks idleness this often: a fraction of the idle timeout keeps scale-down prompt.
 REAPER_FRACTION = 0.25
+# What `faasmoe serve` runs when not told: faasmoe-private's elasticity (faasmoe-shared runs --elasticity).
+SERVE_ELASTICITY = Elasticity(
+    prewarm=ServeSettings.model_fields["prewarm"].default, keep_alive=ServeSettings.model_fields["keep_alive"].default
+)
 
 
 @dataclass(frozen=True)
@@ -36,13 +43,17 @@ class SystemSpec:
     kind: SystemKind
     experts_per_function: int  # the plan the system runs (every expert in one function without a sweep)
     layers_per_function: int
+    elasticity: Elasticity | None = None  # --prewarm and --keep-alive of functions that scale to zero
 
     @property
     def label(self) -> str:
         if not self.kind.sweeps_granularity:
             return self.kind.value
         suffix = f"-l{self.layers_per_function}" if self.layers_per_function != 1 else ""
-        return f"{self.kind.value}/e{self.experts_per_function}{suffix}"
+        # faasmoe-shared runs once per elasticity mode; faasmoe-private always with serve's defaults.
+        shared = self.kind is SystemKind.FAASMOE_SHARED and self.elasticity is not None
+        mode = f"/{self.elasticity}" if shared else ""
+        return f"{self.kind.value}/e{self.experts_per_function}{suffix}{mode}"
 
 
 @dataclass
@@ -52,6 +63,9 @@ class RunningSystem:
     roots: list[ProcessRoot]  # what the sampler walks
     deployed_functions: int
     startup_s: float  # launch until every server was ready (and static functions warm)
+    control_urls: list[str]  # every server's base URL, for /metrics
+    gateway_url: str | None = None  # None: no gateway (the routed experts in-process)
+    function_names: list[str] = field(default_factory=list)  # deployed on the gateway
 
 
 def system_specs(settings: BenchSettings, num_experts: int, num_layers: int) -> list[SystemSpec]:
@@ -61,7 +75,8 @@ def system_specs(settings: BenchSettings, num_experts: int, num_layers: int) -> 
         if kind.sweeps_granularity:
             layers = min(settings.layers_per_function, num_layers)
             granularities = sorted({min(n, num_experts) for n in settings.experts_per_function})
-            specs += [SystemSpec(kind, n, layers) for n in granularities]
+            modes = settings.elasticity if kind is SystemKind.FAASMOE_SHARED else [SERVE_ELASTICITY]
+            specs += [SystemSpec(kind, n, layers, mode) for n in granularities for mode in modes]
         else:
             specs.append(SystemSpec(kind, num_experts, num_layers))
     return specs
@@ -76,7 +91,7 @@ def launched(
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with ExitStack() as processes:
-        gateway_url, roots, functions = None, [], 0
+        gateway_url, roots, names = None, [], []
         plan_dir = assets.plan(spec.experts_per_function, spec.layers_per_function)
         # Without a gateway (the full-model systems) the servers compute every expert in-process.
         if spec.kind not in (SystemKind.FULL_PER_TENANT, SystemKind.FULL_SHARED):
@@ -85,15 +100,15 @@ def launched(
             roots.append(ProcessRoot(gateway.pid, "gateway", "function"))
             always_on = spec.kind is SystemKind.STATIC_EXPERTS
             names = deploy(gateway_url, plan_dir, stack_settings(plan_dir, always_on, settings))
-            functions = len(names)
             if always_on:
                 wait_warm(gateway_url, names, settings.startup_timeout)
         groups = [[t] for t in tenants] if spec.kind is SystemKind.FULL_PER_TENANT else [tenants]
         mode = "private" if spec.kind is SystemKind.FAASMOE_PRIVATE else "shared"
         servers = [
-            _server(assets.model.path, plan_dir, group, gateway_url, mode, settings, log_dir / f"server-{index}")
+            _server(assets.model.path, plan_dir, group, gateway_url, mode, spec.elasticity, settings,
+                    log_dir / f"server-{index}")
             for index, group in enumerate(groups)
-        ]
+        ]  # fmt: skip
         for server in servers:
             processes.callback(server.stop)
             server.spawn()  # here, on the main thread, which their parent-death signal is bound to
@@ -103,7 +118,8 @@ def launched(
         endpoints = {
             t: Endpoint(s.url, api_key(t), MODEL_NAME) for s, group in zip(servers, groups, strict=True) for t in group
         }
-        yield RunningSystem(spec, endpoints, roots, functions, time.monotonic() - started)
+        urls = [server.url for server in servers]
+        yield RunningSystem(spec, endpoints, roots, len(names), time.monotonic() - started, urls, gateway_url, names)
 
 
 def api_key(tenant: str) -> str:
@@ -116,6 +132,7 @@ def _server(
     tenants: list[str],
     gateway_url: str | None,
     mode: str,
+    elasticity: Elasticity | None,
     settings: BenchSettings,
     log_base: Path,
 ) -> ServeProcess:
@@ -123,9 +140,11 @@ def _server(
     tenants_file = log_base.with_suffix(".tenants.yaml")
     tenants_file.write_text(yaml.safe_dump({"tenants": [{"name": t, "api_keys": [api_key(t)]} for t in tenants]}))
     args = ["--model", str(model), "--plan", str(plan_dir), "--tenants", str(tenants_file), "--mode", mode]
-    args += ["--served-model-name", MODEL_NAME]
+    args += ["--served-model-name", MODEL_NAME, "--metrics-key", METRICS_KEY]
     if gateway_url is not None:
         args += ["--gateway", gateway_url]
+    if elasticity is not None:
+        args += ["--prewarm", elasticity.prewarm.value, "--keep-alive", elasticity.keep_alive.value]
     if settings.threads is not None:
         args += ["--threads", str(settings.threads)]
     return ServeProcess(args=args, log_path=log_base.with_suffix(".log"), startup_timeout_s=settings.startup_timeout)

@@ -8,6 +8,9 @@ A trace is JSON lines, one request each, in time order:
 ``t`` is seconds from the start of the run. A request without ``prompt_ids`` gets ``prompt_tokens``
 random ids, drawn from a generator seeded by the run's seed and the request's index, so a replay
 sends exactly the same tokens. The benchmark saves the trace it ran (with the ids) next to its results.
+
+Generated prompts come from their tenant's *domain*: a seeded set of token ids no other tenant's prompts
+use, as tenants of a trained MoE write about different things and so route to different experts.
 """
 
 from __future__ import annotations
@@ -53,25 +56,50 @@ class Trace:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(r.to_json() + "\n" for r in self.requests))
 
+    def only(self, tenant: str) -> Trace:
+        """This tenant's requests, at their times: its share of the trace."""
+        mine = [r for r in self.requests if r.tenant == tenant]
+        return Trace(mine, [tenant], self.duration_s, self.source, self.params)
+
 
 def generate_trace(settings: BenchSettings, vocab_size: int) -> Trace:
     """Every tenant alternates ``burst_s`` active (Poisson arrivals at ``rate``) and ``idle_s`` idle.
 
-    Idle gaps longer than the functions' idle timeout are where scale to zero saves memory; with
-    ``stagger`` 0 the tenants are active together (a shared daily peak), with 1 their bursts are
-    spread evenly over the cycle.
+    Idle gaps longer than the functions' idle timeout are where scale to zero saves memory and where the
+    next request meets cold functions; with ``stagger`` 0 the tenants are active together (a shared daily
+    peak, and the whole system idle between), with 1 their bursts are spread evenly over the cycle.
     """
     names = [f"tenant-{i}" for i in range(settings.tenants)]
+    domains = tenant_domains(names, settings.domain_size, settings.seed, vocab_size)
     requests: list[TraceRequest] = []
     for index, tenant in enumerate(names):
         rng = random.Random(f"{settings.seed}:arrivals:{tenant}")
         offset = settings.stagger * settings.cycle * index / len(names)
         for number, t in enumerate(_arrival_times(rng, settings, offset)):
-            prompt = prompt_ids(settings.prompt_len.sample(rng), f"{settings.seed}:{tenant}:{number}", vocab_size)
+            key = f"{settings.seed}:{tenant}:{number}"
+            prompt = prompt_ids(settings.prompt_len.sample(rng), key, vocab_size, domains[tenant])
             requests.append(TraceRequest(t, tenant, prompt, settings.output_len.sample(rng)))
     requests.sort(key=lambda r: (r.t, r.tenant))
-    params = settings.model_dump(include={"rate", "burst", "idle", "stagger", "prompt_len", "output_len", "seed"})
+    fields = {"rate", "burst", "idle", "stagger", "prompt_len", "output_len", "seed"}
+    params = settings.model_dump(include=fields) | {"domain_size": len(domains[names[0]])}
     return Trace(requests, names, settings.duration, "generated", params)
+
+
+def tenant_domains(tenants: list[str], size: int | None, seed: int, vocab_size: int) -> dict[str, list[int]]:
+    """Each tenant's token ids: disjoint sets of ``size`` ids (None: the ordinary ids shared out equally;
+    0: every tenant all of them), drawn with ``seed``."""
+    ids = list(range(FIRST_ORDINARY_ID, _id_limit(vocab_size)))
+    if size == 0:
+        return {tenant: ids for tenant in tenants}
+    share = len(ids) // len(tenants)
+    if share == 0 or (size is not None and size > share):
+        raise ValueError(
+            f"{len(tenants)} tenant domains of {size or 1} token ids need {len(tenants) * (size or 1)} ids; "
+            f"the model has {len(ids)} ordinary ids (a smaller --domain-size, or 0 for no domains)"
+        )
+    random.Random(f"{seed}:domains").shuffle(ids)
+    size = size or share
+    return {tenant: sorted(ids[i * size : (i + 1) * size]) for i, tenant in enumerate(tenants)}
 
 
 def _arrival_times(rng: random.Random, settings: BenchSettings, offset: float) -> list[float]:
@@ -91,11 +119,17 @@ def _arrival_times(rng: random.Random, settings: BenchSettings, offset: float) -
     return times
 
 
-def prompt_ids(length: int, key: str, vocab_size: int) -> list[int]:
-    """``length`` ordinary token ids, the same for the same ``key`` (seed and request) on every run."""
+def prompt_ids(length: int, key: str, vocab_size: int, domain: list[int] | None = None) -> list[int]:
+    """``length`` ordinary token ids (of ``domain`` if given), the same for the same ``key`` (seed and
+    request) on every run."""
     rng = random.Random(f"prompt:{key}")
-    limit = max(FIRST_ORDINARY_ID + 1, min(vocab_size, PROMPT_ID_LIMIT))
-    return [rng.randrange(FIRST_ORDINARY_ID, limit) for _ in range(length)]
+    if domain is not None:
+        return [rng.choice(domain) for _ in range(length)]
+    return [rng.randrange(FIRST_ORDINARY_ID, _id_limit(vocab_size)) for _ in range(length)]
+
+
+def _id_limit(vocab_size: int) -> int:
+    return max(FIRST_ORDINARY_ID + 1, min(vocab_size, PROMPT_ID_LIMIT))
 
 
 def load_trace(path: Path, seed: int, vocab_size: int) -> Trace:

@@ -1,4 +1,8 @@
-"""The in-process transport: every function's shard loaded here, computed in the calling thread."""
+"""The in-process transport: every function's shard loaded here, computed in the calling thread.
+
+The shards are mapped, not copied (faasmoe.experts.shard), so each weight is held once: as the file's
+pages, which the process's PSS counts as the forward passes touch them.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """The remote transport: one HTTP invocation per function through the OpenFaaS gateway, all in flight at once.
 
+Calls for a function whose warm replica the gateway named go straight to that replica (dispatch/direct.py),
+and fall back to the gateway on anything but a 200.
+
 Requests run on an asyncio loop in a background thread (a GatewayConnection), so the trunk thread
 computes the shared expert while they are in flight and only waits when it needs the routed result.
 The control plane opens one connection and shares it: every engine's transport and its own gateway
@@ -18,10 +21,11 @@ from typing import Any, TypeVar
 
 import torch
 
+from faasmoe.dispatch.direct import DirectReplicas
 from faasmoe.dispatch.scatter import FunctionCall
 from faasmoe.errors import BadRequest
 from faasmoe.experts.wire import CONTENT_TYPE, decode_output, encode_batch
-from faasmoe.function.headers import INVOCATION_HEADER
+from faasmoe.function.headers import COMPUTE_HEADER, INVOCATION_HEADER
 from faasmoe.gateway.client import GatewayClient, GatewayError, GatewaySettings
 from faasmoe.model.moe_block import FunctionFailed
 
@@ -34,10 +38,17 @@ UNAVAILABLE_STATUSES = frozenset({None, 404, 429, 503})
 @dataclass(frozen=True)
 class Invocation:
     function: str
-    seconds: float
+    seconds: float  # round trip: handed to the dispatch loop -> its output decoded
     bytes_sent: int
     bytes_received: int
     cold_start: bool
+    compute_seconds: float | None = None  # the function's own time (its compute header); None: it sent none
+    direct: bool = False  # sent straight to the replica (faasmoe.dispatch.direct), not through the gateway
+
+    @property
+    def overhead_seconds(self) -> float | None:
+        """The round trip minus the function's compute: gateway queueing, transport, thread hops, decoding."""
+        return None if self.compute_seconds is None else self.seconds - self.compute_seconds
 
 
 @dataclass
@@ -96,29 +107,36 @@ class GatewayConnection:
 
 
 class RemoteTransport:
-    """Invokes each call's function through ``gateway``; closes the connection only if it ``owns_gateway``."""
+    """Invokes each call's function through ``gateway``, or straight to its warm replica where the gateway
+    named one (the direct path); closes the connection only if it ``owns_gateway``."""
 
     def __init__(self, gateway: GatewayConnection, log: InvocationLog | None = None, *, owns_gateway: bool) -> None:
         self.gateway = gateway
         self.log = log or InvocationLog()
         self.owns_gateway = owns_gateway
+        self.direct = DirectReplicas()
 
     def send(self, calls: list[FunctionCall]) -> Future[list[torch.Tensor]]:
         bodies = [encode_batch(call.batch) for call in calls]
-        return self.gateway.submit(lambda client: self._send_all(client, calls, bodies))
+        started = time.perf_counter()  # round trips include the hop onto the dispatch loop's thread
+        return self.gateway.submit(lambda client: self._send_all(client, calls, bodies, started))
 
     async def _send_all(
-        self, client: GatewayClient, calls: list[FunctionCall], bodies: list[bytes]
+        self, client: GatewayClient, calls: list[FunctionCall], bodies: list[bytes], started: float
     ) -> list[torch.Tensor]:
-        invocations = (self._invoke(client, c, b) for c, b in zip(calls, bodies, strict=True))
+        invocations = (self._invoke(client, c, b, started) for c, b in zip(calls, bodies, strict=True))
         return list(await asyncio.gather(*invocations))
 
-    async def _invoke(self, client: GatewayClient, call: FunctionCall, body: bytes) -> torch.Tensor:
+    async def _invoke(self, client: GatewayClient, call: FunctionCall, body: bytes, started: float) -> torch.Tensor:
         name = call.function.name
-        started = time.perf_counter()
+        headers = {"Content-Type": CONTENT_TYPE}
         try:
-            # A 4xx/5xx (after the client's bounded retries) raises GatewayError naming the function.
-            response = await client.invoke(name, body, headers={"Content-Type": CONTENT_TYPE})
+            response = await self.direct.invoke(client, name, body, headers)
+            direct = response is not None
+            if response is None:
+                # A 4xx/5xx (after the client's bounded retries) raises GatewayError naming the function.
+                response = await client.invoke(name, body, headers=headers)
+                self.direct.learn(name, response)
             output = decode_output(response.content)
         except GatewayError as exc:
             raise FunctionFailed(name, str(exc), unavailable=exc.status in UNAVAILABLE_STATUSES) from exc
@@ -132,6 +150,8 @@ class RemoteTransport:
                 bytes_sent=len(body),
                 bytes_received=len(response.content),
                 cold_start=response.headers.get(INVOCATION_HEADER) == "1",
+                compute_seconds=_seconds(response.headers.get(COMPUTE_HEADER)),
+                direct=direct,
             )
         )
         return output
@@ -139,6 +159,14 @@ class RemoteTransport:
     def close(self) -> None:
         if self.owns_gateway:
             self.gateway.close()
+
+
+def _seconds(header: str | None) -> float | None:
+    # A function that is not faasmoe's own server may send no compute header, or another value.
+    try:
+        return float(header) if header is not None else None
+    except ValueError:
+        return None
 
 
 async def _open_client(settings: GatewaySettings) -> GatewayClient:

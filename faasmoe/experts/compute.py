@@ -4,10 +4,12 @@ Shape legend:
     T  tokens (rows) in a request       K  top-k slots per token (unused slots hold expert id -1)
     S  = T * K token-expert slots       H  hidden size      I  expert intermediate size
 
-The summation order follows transformers' Qwen2-MoE experts so results match it bit for bit:
-one concatenated [gate; up] projection per expert, each slot weighted in the model dtype, and the
-sum over a token's slots done as view(T, K, H).sum(1). Partial sums are returned in float32 so that
-adding the partials of several functions rounds only once, as the single-process sum does.
+The summation order follows transformers' experts module (the same for every family in
+faasmoe/model/families.py) so results match it bit for bit: one concatenated [gate; up] projection per
+expert, each slot weighted in the routing weights' dtype promoted with the model's (the model dtype for
+qwen2_moe and qwen3_moe, whose routers cast the weights to it; float32 for mixtral, whose router keeps
+them so), and the sum over a token's slots done as view(T, K, H).sum(1). Partial sums are returned in
+float32 so that adding the partials of several functions rounds only once, as the single-process sum does.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class ExpertBatch:
     hidden: torch.Tensor  # [T, H] model dtype
     layer_ids: torch.Tensor  # [T] int64
     expert_ids: torch.Tensor  # [T, K] int64, NO_EXPERT where not asked
-    weights: torch.Tensor  # [T, K] model dtype routing weights
+    weights: torch.Tensor  # [T, K] routing weights, model dtype or float32
 
 
 class ExpertSet:
@@ -70,7 +72,8 @@ class ExpertSet:
         slot_experts = batch.expert_ids.reshape(-1)  # [S]
         slot_layers = batch.layer_ids.repeat_interleave(K)  # [S]
         slot_weights = batch.weights.reshape(-1)  # [S]
-        weighted = batch.hidden.new_zeros(T * K, H)  # [S, H]
+        slot_dtype = torch.promote_types(self.dtype, batch.weights.dtype)  # of expert output * weight
+        weighted = batch.hidden.new_zeros(T * K, H, dtype=slot_dtype)  # [S, H]
         for layer, expert in self._asked(slot_layers, slot_experts):
             slots = torch.nonzero((slot_experts == expert) & (slot_layers == layer)).squeeze(1)
             w = self.experts[(layer, expert)]
@@ -95,8 +98,8 @@ class ExpertSet:
             raise BadRequest(f"layer_ids must be [T={T}], got {list(batch.layer_ids.shape)}")
         if ids.dtype != torch.int64 or batch.layer_ids.dtype != torch.int64:
             raise BadRequest("expert_ids and layer_ids must be int64")
-        if batch.weights.dtype != self.dtype:
-            raise BadRequest(f"weights must be {self.dtype}, got {batch.weights.dtype}")
+        if batch.weights.dtype not in (self.dtype, torch.float32):
+            raise BadRequest(f"weights must be {self.dtype} or torch.float32, got {batch.weights.dtype}")
         slot_layers = batch.layer_ids.repeat_interleave(ids.shape[1])
         for layer, expert in self._asked(slot_layers, ids.reshape(-1)):
             if (layer, expert) not in self.experts:

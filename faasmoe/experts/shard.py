@@ -1,4 +1,12 @@
-"""A function's weight shard: one safetensors file with its experts in the hub key layout.
+"""A function's weight shard: one safetensors file holding its experts in the layout the maths reads.
+
+Format 2 (``FORMAT``) stores each expert as compute.py reads it: [gate; up] as one tensor
+(``...experts.E.gate_up_proj.weight``, [2I, H]) and ``down_proj`` ([H, I]). Loading copies nothing: the
+tensors view safetensors' mapping of the file (private: a write would copy its page, and nothing
+writes), whose pages are the page cache's, shared by every process that maps the shard. A cold start
+therefore reads no weights when the shard is in the page cache; a replica's PSS counts the pages it touches.
+Format 1 (``FORMAT_PROJECTIONS``, written by faasmoe before plan version 3) keeps gate, up and down
+apart in the hub layout; it still loads, into copies ([gate; up] has to be concatenated anyway).
 
 The file's metadata says which (layer, expert) pairs it must hold, so a function needs nothing but
 this one file, and a shard that lost an expert is caught when it is loaded. Given the plan's sha256 of
@@ -8,7 +16,9 @@ the file, loading also catches flipped bytes in tensor data, which the header ca
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -16,54 +26,111 @@ from safetensors.torch import save_file
 
 from faasmoe.errors import ShardError
 from faasmoe.experts.compute import ExpertSet, ExpertWeights
-from faasmoe.model.checkpoint import expert_key
-from faasmoe.planning.digest import verify_sha256
+from faasmoe.model.checkpoint import EXPERT_PROJECTIONS, expert_key
+from faasmoe.planning.digest import DigestCheck, verify_file
 
-FORMAT = "faasmoe-expert-shard/1"
+FORMAT = "faasmoe-expert-shard/2"
+FORMAT_PROJECTIONS = "faasmoe-expert-shard/1"
+GATE_UP = "gate_up_proj"
+DOWN = "down_proj"
 
 
 def write_shard(
     path: Path, function: str, hidden_act: str, experts: dict[tuple[int, int], dict[str, torch.Tensor]]
 ) -> int:
-    """Writes the experts (each given as its hub-layout tensors) and returns the file's tensor bytes."""
-    tensors = {key: t.contiguous() for projections in experts.values() for key, t in projections.items()}
+    """Writes the experts (each given as its hub-layout tensors) in format 2; returns the file's tensor bytes.
+
+    The file is written beside ``path`` and renamed over it: a replica mapping the previous file keeps
+    its pages (truncating a mapped file would kill it with SIGBUS on its next access).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for (layer, expert), projections in experts.items():
+        gate, up, down = (projections[expert_key(layer, expert, p)] for p in EXPERT_PROJECTIONS)
+        weights = ExpertWeights.from_projections(gate, up, down)  # the very tensors the maths would build
+        tensors[expert_key(layer, expert, GATE_UP)] = weights.gate_up.contiguous()
+        tensors[expert_key(layer, expert, DOWN)] = weights.down.contiguous()
     metadata = {
         "format": FORMAT,
         "function": function,
         "hidden_act": hidden_act,
         "experts": json.dumps(sorted(experts)),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    save_file_atomically(tensors, path, metadata)
     return sum(t.nbytes for t in tensors.values())
 
 
+def save_file_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, into a new file renamed over ``path`` (so a reader never sees it half written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        save_file(tensors, str(partial), metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+class ShardFile:
+    """An open shard: verify it, then read its experts from the very file verified (not the path again)."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise ShardError(f"shard {path} does not exist")
+        self.path = path
+        self.file: BinaryIO = path.open("rb")
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.file.close()  # the tensors keep safetensors' mapping, which does not need the descriptor
+
+    def verify(self, sha256: str | None) -> DigestCheck:
+        """Checks the file against the plan's digest (hashing it only if this file was not hashed before);
+        None (a version-1 plan) leaves it unverified."""
+        return DigestCheck.UNVERIFIED if sha256 is None else verify_file(self.file, self.path, sha256, "shard")
+
+    def experts(self) -> ExpertSet:
+        """Every expert the shard declares; raises ShardError naming what is missing or malformed."""
+        try:
+            handle = safe_open(self._reopenable(), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types for a corrupt header
+            raise ShardError(f"shard {self.path} is not a safetensors file: {exc}") from exc
+        with handle as f:
+            meta = f.metadata() or {}
+            shard_format = meta.get("format")
+            if shard_format not in (FORMAT, FORMAT_PROJECTIONS):
+                raise ShardError(f"shard {self.path} is not a faasmoe expert shard (format {shard_format!r})")
+            fused = shard_format == FORMAT
+            keys = set(f.keys())
+            experts: dict[tuple[int, int], ExpertWeights] = {}
+            for layer, expert in json.loads(meta["experts"]):
+                names = [expert_key(layer, expert, p) for p in ((GATE_UP, DOWN) if fused else EXPERT_PROJECTIONS)]
+                if not all(n in keys for n in names):
+                    raise ShardError(f"shard {self.path} ({meta['function']}) lacks expert {expert} of layer {layer}")
+                tensors = [f.get_tensor(n) for n in names]
+                experts[(layer, expert)] = ExpertWeights(*tensors) if fused else _copied(*tensors)
+        if not experts:
+            raise ShardError(f"shard {self.path} holds no experts")
+        return ExpertSet(experts, hidden_act=meta["hidden_act"])
+
+    def _reopenable(self) -> str:
+        """A name of the open file for safetensors, which takes names only: /dev/fd/N where there is one."""
+        fd_path = f"/dev/fd/{self.file.fileno()}"
+        return fd_path if os.path.exists(fd_path) else str(self.path)
+
+
+def _copied(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> ExpertWeights:
+    """A format-1 expert held once, in memory: [gate; up] is a copy already, and copying ``down`` too lets
+    the mapping go (a view kept it, and with it every page of the file that the concatenation read)."""
+    return ExpertWeights.from_projections(gate, up, down.clone())
+
+
 def load_shard(path: Path, sha256: str | None = None) -> ExpertSet:
-    """Loads every expert the shard declares; raises ShardError naming what is missing, corrupt or malformed.
+    """Verifies and loads the shard; raises ShardError naming what is missing, corrupt or malformed.
 
     ``sha256`` is the plan's digest of the file; None (a version-1 plan) loads it unverified.
     """
-    if not path.is_file():
-        raise ShardError(f"shard {path} does not exist")
-    if sha256 is not None:
-        verify_sha256(path, sha256, "shard")
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except Exception as exc:  # safetensors raises its own error types for a corrupt header
-        raise ShardError(f"shard {path} is not a safetensors file: {exc}") from exc
-    with handle as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ShardError(f"shard {path} is not a faasmoe expert shard (format {meta.get('format')!r})")
-        keys = set(f.keys())
-        experts: dict[tuple[int, int], ExpertWeights] = {}
-        for layer, expert in json.loads(meta["experts"]):
-            names = [expert_key(layer, expert, p) for p in ("gate_proj", "up_proj", "down_proj")]
-            if not all(n in keys for n in names):
-                raise ShardError(f"shard {path} ({meta['function']}) lacks expert {expert} of layer {layer}")
-            gate, up, down = (f.get_tensor(n) for n in names)
-            experts[(layer, expert)] = ExpertWeights.from_projections(gate, up, down)
-    if not experts:
-        raise ShardError(f"shard {path} holds no experts")
-    return ExpertSet(experts, hidden_act=meta["hidden_act"])
-
+    with ShardFile(path) as shard:
+        shard.verify(sha256)
+        return shard.experts()

@@ -1,5 +1,11 @@
-"""The function's response headers, shared with the control plane that reads them (no torch imported here)."""
+"""The function's HTTP headers, shared with the gateway and the control plane that read them (no torch here)."""
 
 INVOCATION_HEADER = "X-Faasmoe-Invocation"  # invocations this replica served; "1": the call met a fresh replica
-COMPUTE_HEADER = "X-Faasmoe-Compute-Seconds"
+COMPUTE_HEADER = "X-Faasmoe-Compute-Seconds"  # the call's decode + partial sums + encode, on its thread
 LOAD_HEADER = "X-Faasmoe-Load-Seconds"  # process start -> weights loaded, the replica's cold start
+# Requests sent straight to a replica (the direct path) name the function they are for: a replica of
+# another function (a stale address) answers 421 instead of computing with the wrong experts.
+FUNCTION_HEADER = "X-Faasmoe-Function"
+# On /ready: seconds since the replica last answered an invocation (0 while one runs), so that the gateway
+# counts calls it did not forward when it decides a function is idle.
+IDLE_HEADER = "X-Faasmoe-Idle-Seconds"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from faasmoe.function import timeline as milestones
@@ -16,6 +16,7 @@ from faasmoe.function.timeline import Timeline
 if TYPE_CHECKING:
     from faasmoe.experts.compute import ExpertSet
     from faasmoe.function.invoke import Invoker
+    from faasmoe.planning.digest import DigestCheck
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class WeightsLoader:
         self.state = LoadState.LOADING
         self.error: str | None = None
         self.invoker: Invoker | None = None
+        self.digest: DigestCheck | None = None  # how the shard was checked against the plan's sha256
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
         # A daemon thread: SIGTERM during a long download or import must not wait for it.
@@ -63,18 +65,18 @@ class WeightsLoader:
             self._finish(LoadState.FAILED, error=str(exc) or repr(exc))
         else:
             logger.info(
-                "function %s: %d experts (%.1f MB) ready %.2f s after process start",
+                "function %s: %d experts (%.1f MB) ready %.3f s after process start (shard sha256: %s)",
                 self.settings.function,
                 len(invoker.experts.experts),
                 invoker.experts.nbytes() / 1e6,
                 self.timeline.get(milestones.LOADED),
+                self.digest.value if self.digest else "not checked",
             )
             self._finish(LoadState.READY, invoker=invoker)
 
     def _load(self) -> Invoker:
         import torch
 
-        from faasmoe.experts.shard import load_shard
         from faasmoe.function import weights
         from faasmoe.function.invoke import Invoker
 
@@ -82,22 +84,27 @@ class WeightsLoader:
             # Global in torch: the compute thread picks it up when it first runs a parallel op.
             torch.set_num_threads(self.settings.threads)
         self.timeline.mark(milestones.IMPORTS)
-        sha256 = self.settings.shard_sha256
-        if sha256 is None:
+        if self.settings.shard_sha256 is None:
             logger.warning("function %s: no FAASMOE_SHARD_SHA256: its shard loads unverified", self.settings.function)
-        if weights.is_remote(self.settings.weights_uri):
-            path = weights.download_shard(self.settings)
-            self.timeline.mark(milestones.DOWNLOADED)
-            try:
-                experts = load_shard(path, sha256)
-            finally:
-                if not self.settings.keep_download:
-                    path.unlink(missing_ok=True)
-        else:
-            experts = load_shard(weights.local_shard_path(self.settings), sha256)
-        _detach_from_file(experts)
+        if not weights.is_remote(self.settings.weights_uri):
+            return Invoker(self._read(weights.local_shard_path(self.settings)))
+        path = weights.download_shard(self.settings)
+        self.timeline.mark(milestones.DOWNLOADED)
+        try:
+            return Invoker(self._read(path))
+        finally:
+            if not self.settings.keep_download:
+                path.unlink(missing_ok=True)  # a mapped file lives on, unnamed, until the replica exits
+
+    def _read(self, path: Path) -> ExpertSet:
+        from faasmoe.experts.shard import ShardFile
+
+        with ShardFile(path) as shard:
+            self.digest = shard.verify(self.settings.shard_sha256)
+            self.timeline.mark(milestones.VERIFIED)
+            experts = shard.experts()
         self.timeline.mark(milestones.LOADED)
-        return Invoker(experts)
+        return experts
 
     def _finish(self, state: LoadState, invoker: Invoker | None = None, error: str | None = None) -> None:
         with self._lock:
@@ -106,14 +113,3 @@ class WeightsLoader:
             listeners, self._listeners = self._listeners, []
         for listener in listeners:
             listener()
-
-
-def _detach_from_file(experts: ExpertSet) -> None:
-    """Copies what still views the shard file, so the weights are held once, in anonymous memory.
-
-    safetensors hands out tensors that view its mmap of the file. Each [gate; up] is a copy already
-    (torch.cat), but a `down` kept the whole mapping alive: the process then held the file's pages as
-    well (about 1.7x the weights resident), and a deleted download still took its disk space.
-    """
-    for key, weights in experts.experts.items():
-        experts.experts[key] = dataclasses.replace(weights, down=weights.down.clone())

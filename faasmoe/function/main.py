@@ -8,6 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
+from faasmoe.function import timeline as milestones
 from faasmoe.function.loader import WeightsLoader
 from faasmoe.function.settings import FunctionSettings
 from faasmoe.function.timeline import Timeline
@@ -34,6 +35,7 @@ def run(timeline: Timeline) -> int:
     except ValidationError as exc:
         print(f"faasmoe.function: bad settings (FAASMOE_* environment variables):\n{exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
+    timeline.mark(milestones.SETTINGS)
     setup_logging(settings.log_level)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the previous handler;
     # this handler turns that into a clean exit 0 (also if SIGTERM comes before uvicorn is up).

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import uvicorn
 from starlette.applications import Starlette
@@ -21,12 +23,15 @@ from starlette.routing import Route
 
 from faasmoe.errors import BadRequest, BodyTooLarge
 from faasmoe.function import timeline as milestones
-from faasmoe.function.headers import COMPUTE_HEADER, INVOCATION_HEADER, LOAD_HEADER
+from faasmoe.function.headers import COMPUTE_HEADER, FUNCTION_HEADER, IDLE_HEADER, INVOCATION_HEADER, LOAD_HEADER
 from faasmoe.function.loader import LoadState, WeightsLoader
 from faasmoe.function.settings import FunctionSettings
 from faasmoe.function.stats import Counters, function_stats
 from faasmoe.function.timeline import Timeline
 from faasmoe.request_body import read_body
+
+if TYPE_CHECKING:
+    from faasmoe.function.invoke import Invoker  # imports torch, which the loader brings in
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ class FunctionApp:
         self.loader = loader
         self.timeline = timeline
         self.counters = Counters()
+        self.in_flight = 0
+        self.last_invoked = time.monotonic()  # the start counts as use: a fresh replica is not idle yet
         # One computation at a time: torch already spreads one over the intra-op threads.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="faasmoe-compute")
         self._loaded: asyncio.Event | None = None
@@ -66,7 +73,8 @@ class FunctionApp:
     async def ready(self, _request: Request) -> Response:
         state = self.loader.state
         if state is LoadState.READY:
-            return JSONResponse({"status": "ready"})
+            idle = 0.0 if self.in_flight else time.monotonic() - self.last_invoked
+            return JSONResponse({"status": "ready"}, headers={IDLE_HEADER: f"{idle:.3f}"})
         if state is LoadState.FAILED:
             return JSONResponse({"status": "failed", "error": self.loader.error}, status_code=500)
         return JSONResponse({"status": "loading"}, status_code=503)
@@ -75,6 +83,17 @@ class FunctionApp:
         return JSONResponse(function_stats(self.settings.function, self.loader, self.timeline, self.counters))
 
     async def invoke(self, request: Request) -> Response:
+        addressed = request.headers.get(FUNCTION_HEADER)
+        if addressed is not None and addressed != self.settings.function:
+            return _error(f"this replica serves function {self.settings.function}, not {addressed}", 421)
+        self.in_flight += 1
+        try:
+            return await self._invoke(request)
+        finally:
+            self.in_flight -= 1
+            self.last_invoked = time.monotonic()
+
+    async def _invoke(self, request: Request) -> Response:
         try:
             body = await read_body(request, self.settings.max_body_bytes)
         except BodyTooLarge as exc:
@@ -92,9 +111,8 @@ class FunctionApp:
         if invoker is None:
             self.counters.not_ready += 1
             return _error(f"function {self.settings.function} could not load its weights: {self.loader.error}", 500)
-        started = time.perf_counter()
         try:
-            output = await asyncio.get_running_loop().run_in_executor(self.executor, invoker, body)
+            output, compute_s = await asyncio.get_running_loop().run_in_executor(self.executor, _timed, invoker, body)
         except BadRequest as exc:
             self.counters.bad_requests += 1
             return _error(str(exc), 400)
@@ -105,7 +123,7 @@ class FunctionApp:
         self.counters.invocations += 1
         headers = {
             INVOCATION_HEADER: str(self.counters.invocations),
-            COMPUTE_HEADER: f"{time.perf_counter() - started:.6f}",
+            COMPUTE_HEADER: f"{compute_s:.6f}",
             LOAD_HEADER: f"{self.timeline.get(milestones.LOADED) or 0.0:.3f}",
         }
         return Response(output, media_type=invoker.content_type, headers=headers)
@@ -147,7 +165,16 @@ def serve(settings: FunctionSettings, loader: WeightsLoader, timeline: Timeline)
         lifespan="on",
         timeout_keep_alive=settings.keep_alive_s,
     )
-    _Server(config, on_listening=lambda: timeline.mark(milestones.LISTENING)).run()
+    # socket(fileno=) reads the inherited socket's family, so accepted connections get TCP_NODELAY.
+    sockets = None if settings.listen_fd is None else [socket.socket(fileno=settings.listen_fd)]
+    _Server(config, on_listening=lambda: timeline.mark(milestones.LISTENING)).run(sockets=sockets)
+
+
+def _timed(invoker: Invoker, body: bytes) -> tuple[bytes, float]:
+    """The invocation and its seconds, timed on the compute thread: the hop to it is overhead, not compute."""
+    started = time.perf_counter()
+    output = invoker(body)
+    return output, time.perf_counter() - started
 
 
 def _error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:

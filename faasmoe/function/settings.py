@@ -31,6 +31,12 @@ class FunctionSettings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    listen_fd: int | None = Field(
+        default=None,
+        ge=0,
+        description="an inherited listening socket to serve on instead of binding host:port (the embedded "
+        "gateway binds it, so no other process can take the port between choosing and binding)",
+    )
     # Exactness across processes needs the control plane's intra-op thread count; None keeps torch's default.
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads")
     load_wait_s: float = Field(default=60.0, ge=0, description="how long a request waits for the weights")
@@ -41,8 +47,8 @@ class FunctionSettings(BaseSettings):
     cache_dir: Path = Field(
         default=Path(tempfile.gettempdir()) / "faasmoe-weights", description="where http(s) shards are downloaded"
     )
-    # Tensors are copied into memory when loaded; a downloaded file would only hold disk (or, on a
-    # memory-backed container filesystem, memory) twice, so it is deleted unless asked to keep it.
+    # The tensors map the downloaded file, which lives on unnamed until the replica exits: deleting its
+    # name at once leaves nothing behind on scale to zero, unless asked to keep it.
     keep_download: bool = False
     download_timeout_s: float = Field(default=60.0, gt=0, description="connect/read timeout of the download")
     download_chunk_bytes: int = Field(default=1 << 20, ge=4096)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,6 +37,9 @@ def startup_phases(marks: dict[str, float]) -> dict[str, float]:
         phases["imports"] = marks[milestones.IMPORTS] - marks[milestones.PYTHON]
     if milestones.LOADED in marks and milestones.IMPORTS in marks:
         phases["weights"] = marks[milestones.LOADED] - marks[milestones.IMPORTS]
+    if milestones.VERIFIED in marks and milestones.IMPORTS in marks:
+        # Within "weights": the digest check (after the download, if any); the rest maps the tensors.
+        phases["verify"] = marks[milestones.VERIFIED] - marks.get(milestones.DOWNLOADED, marks[milestones.IMPORTS])
     if milestones.DOWNLOADED in marks and milestones.IMPORTS in marks:
         phases["download"] = marks[milestones.DOWNLOADED] - marks[milestones.IMPORTS]
     if milestones.LOADED in marks:
@@ -53,9 +57,11 @@ def function_stats(function: str, loader: WeightsLoader, timeline: Timeline, cou
         "error": loader.error,
         "experts": {"count": len(held), "held": [list(pair) for pair in held]},
         "weights_bytes": invoker.nbytes() if invoker else 0,
+        "shard_digest": loader.digest.value if loader.digest else None,  # hashed, reused or unverified
         "startup_s": marks,  # offsets from process start
         "startup_phases_s": startup_phases(marks),
         "memory": resident_memory().as_dict(),  # bytes: rss, anon (copied tensors), file (mapped), pss
+        "cpu_s": time.process_time(),  # CPU this process has used so far, all its threads (a fork starts at 0)
         **asdict(counters),
         "threads": {
             "torch_intra_op": invoker.threads() if invoker else None,

@@ -10,18 +10,25 @@ from pathlib import Path
 
 # Milestones in the order a cold start normally reaches them.
 PYTHON = "python"  # the interpreter is up and runs faasmoe.function
+SETTINGS = "settings"  # the FAASMOE_* settings are read
 LISTENING = "listening"  # the server accepts connections (/health answers)
 IMPORTS = "imports"  # torch and the expert modules are imported
 DOWNLOADED = "downloaded"  # an http(s) shard is on local disk (absent for local shards)
-LOADED = "weights_loaded"  # the experts are in memory: /ready answers 200
+VERIFIED = "shard_verified"  # the shard matches the plan's sha256 (or the plan records none)
+LOADED = "weights_loaded"  # the experts are mapped (or, from an old shard, copied): /ready answers 200
 
 
 class Timeline:
     """Milestones of one process's cold start, measured from the kernel's process start time."""
 
-    def __init__(self) -> None:
-        # The kernel's start time covers interpreter start-up too, which a clock read at import would miss.
-        self.clock, self.process_start = _process_clock()
+    def __init__(self, forked_at: float | None = None) -> None:
+        """``forked_at``: when the zygote forked this process, read from ``fork_clock`` just before the fork;
+        exact, where the kernel's start time is rounded to a clock tick (10 ms)."""
+        if forked_at is None:
+            # The kernel's start time covers interpreter start-up too, which a clock read at import would miss.
+            self.clock, self.process_start = _process_clock()
+        else:
+            self.clock, self.process_start = fork_clock, forked_at
         self._marks: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -39,6 +46,10 @@ class Timeline:
     def as_dict(self) -> dict[str, float]:
         with self._lock:
             return dict(sorted(self._marks.items(), key=lambda item: item[1]))
+
+
+# The clock a forked replica's Timeline reads: one clock for the zygote and the replicas it forks.
+fork_clock = time.monotonic
 
 
 def _process_clock() -> tuple[Callable[[], float], float]:

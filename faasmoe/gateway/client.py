@@ -21,7 +21,8 @@ import httpx
 from pydantic import BaseModel, Field, SecretStr
 
 from faasmoe.errors import FaasmoeError
-from faasmoe.gateway.schemas import DeleteFunctionRequest, FunctionDeployment, FunctionStatus
+from faasmoe.function.headers import FUNCTION_HEADER
+from faasmoe.gateway.schemas import DeleteFunctionRequest, FunctionDeployment, FunctionStatus, ScaleServiceRequest
 
 # Failures after which the request certainly did not reach the function, or the pooled
 # keep-alive connection had gone stale: safe to send again.
@@ -185,6 +186,17 @@ class GatewayClient:
             self._raise_for_status(response, f"invoking function {name!r}", not_found=name)
         return response
 
+    async def invoke_replica(
+        self, url: str, name: str, body: bytes, headers: Mapping[str, str]
+    ) -> httpx.Response | None:
+        """One try straight to a replica the gateway named (faasmoe.dispatch.direct): its answer if 200, else
+        None, and the caller goes through the gateway. No credentials go with it: replicas take none."""
+        try:
+            response = await self._http.post(url, content=body, headers={**headers, FUNCTION_HEADER: name})
+        except httpx.HTTPError:
+            return None
+        return response if response.status_code == httpx.codes.OK else None
+
     # --- /system ----------------------------------------------------------------------------
 
     async def list_functions(self, namespace: str | None = None) -> list[FunctionStatus]:
@@ -197,6 +209,25 @@ class GatewayClient:
         response = await self._system("GET", f"/system/function/{quote(name, safe='')}", params=_namespace(namespace))
         self._raise_for_status(response, f"reading function {name!r}", not_found=name)
         return FunctionStatus.model_validate(response.json())
+
+    async def scale(self, name: str, replicas: int, namespace: str | None = None) -> None:
+        """Sets the function's desired replicas: lowers them too (OpenFaaS's scale API sets a count)."""
+        body = ScaleServiceRequest(service_name=name, replicas=replicas, namespace=namespace).to_wire()
+        response = await self._system("POST", f"/system/scale-function/{quote(name, safe='')}", json=body)
+        self._raise_for_status(response, f"scaling function {name!r}", not_found=name)
+
+    async def scale_from_zero(self, name: str, namespace: str | None = None) -> tuple[FunctionStatus, bool]:
+        """Asks for one replica only if the function has none; returns its status as read and whether it asked.
+
+        Never lowers a function: as the OpenFaaS gateway's own scale from zero does, it reads the desired
+        count first and scales only from 0. Between the read and the scale only an autoscaler acting within
+        those milliseconds could have raised it, and would raise it again.
+        """
+        status = await self.get_function(name, namespace)
+        if status.replicas > 0:
+            return status, False
+        await self.scale(name, 1, namespace)
+        return status, True
 
     async def deploy(self, deployment: FunctionDeployment) -> None:
         response = await self._system("POST", "/system/functions", json=deployment.to_wire())

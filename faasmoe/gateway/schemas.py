@@ -27,6 +27,9 @@ LABEL_SCALE_MAX = "com.openfaas.scale.max"
 LABEL_SCALE_ZERO = "com.openfaas.scale.zero"
 LABEL_SCALE_ZERO_DURATION = "com.openfaas.scale.zero-duration"
 ANNOTATION_READY_PATH = "com.openfaas.ready.http.path"
+# The embedded gateway's answer to an invocation names the replica that served it, which a caller may
+# call directly while it is warm (as OpenFaaS's direct_functions skips the gateway's queue); not OpenFaaS's.
+DIRECT_URL_HEADER = "X-Faasmoe-Direct-Url"
 
 
 def _is_empty(value: Any) -> bool:

@@ -1,6 +1,7 @@
 """Attention for many sequences in one step: projections batched, the attention itself per sequence.
 
-transformers' Qwen2MoeAttention.forward projects, rotates, updates one cache and attends for one batch
+transformers' attention modules (Qwen2MoeAttention, Qwen3MoeAttention, MixtralAttention: the same steps,
+qwen3 adding an RMSNorm per head on q and k) project, rotate, update one cache and attend for one batch
 of equally long sequences. Continuous batching has sequences of different lengths, each with its own
 cache, so this runs the same steps with the module's own projections and transformers' own rotary and
 attention functions, but projects every sequence's new tokens with one matmul (as vLLM does): the
@@ -14,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen2_moe.modeling_qwen2_moe import (
-    Qwen2MoeAttention,
+from transformers.models.qwen2_moe.modeling_qwen2_moe import (  # the same functions in every family's module
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
@@ -34,9 +35,12 @@ class SequenceSlice:
     position_ids: torch.Tensor  # [1, n_i]
 
 
-def batched_attention(attn: Qwen2MoeAttention, hidden: torch.Tensor, sequences: list[SequenceSlice]) -> torch.Tensor:
+def batched_attention(attn: nn.Module, hidden: torch.Tensor, sequences: list[SequenceSlice]) -> torch.Tensor:
     """Self-attention of every sequence's new tokens over its own cache: [N, H] -> [N, H]."""
     query, key, value = attn.q_proj(hidden), attn.k_proj(hidden), attn.v_proj(hidden)  # [N, A * D] each
+    if hasattr(attn, "q_norm"):  # qwen3_moe normalises each head's q and k before the rotary embedding
+        heads = (hidden.shape[0], -1, attn.head_dim)  # [N, A, D]
+        query, key = attn.q_norm(query.view(heads)).flatten(1), attn.k_norm(key.view(heads)).flatten(1)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
     outputs = []
     for seq in sequences:

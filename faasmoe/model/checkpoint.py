@@ -1,4 +1,4 @@
-"""A local Hugging Face checkpoint directory of architecture qwen2_moe: config and lazily read tensors."""
+"""A local Hugging Face checkpoint directory of a supported MoE family: config and lazily read tensors."""
 
 from __future__ import annotations
 
@@ -13,36 +13,26 @@ import torch
 from safetensors import safe_open
 
 from faasmoe.errors import CheckpointError
+from faasmoe.model.families import EXPERT_PROJECTIONS, FAMILIES, MoeFamily, unsupported
 
 if TYPE_CHECKING:  # transformers costs ~1.5 s to import; expert functions only need expert_key
-    from transformers import Qwen2MoeConfig
+    from transformers import PretrainedConfig
 
-SUPPORTED_MODEL_TYPE = "qwen2_moe"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# Hub layout of one routed expert's weights, e.g. model.layers.3.mlp.experts.17.up_proj.weight
+# faasmoe's names of one routed expert's tensors (qwen2_moe's hub layout, and the shards' for every family),
+# e.g. model.layers.3.mlp.experts.17.up_proj.weight
 EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def expert_key(layer: int, expert: int, projection: str) -> str:
     return f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
 
 
-def is_routed_expert_key(key: str) -> bool:
-    return ".mlp.experts." in key
-
-
-def moe_layers(config: Qwen2MoeConfig) -> list[int]:
-    """The layers with routed experts, by transformers' Qwen2MoeDecoderLayer rule: every
-    decoder_sparse_step-th layer that mlp_only_layers does not list; the others have a dense MLP."""
-    c = config
-    return [
-        i
-        for i in range(c.num_hidden_layers)
-        if i not in c.mlp_only_layers and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
-    ]
+def moe_layers(config: PretrainedConfig) -> list[int]:
+    """The layers with routed experts, by the family's rule (transformers' decoder layer); the others are dense."""
+    return FAMILIES[config.model_type].moe_layers(config)
 
 
 @dataclass(frozen=True)
@@ -50,7 +40,7 @@ class Checkpoint:
     """A checkpoint directory: its config and where each tensor lives. Tensors are read on demand."""
 
     path: Path
-    config: Qwen2MoeConfig
+    config: PretrainedConfig
     key_to_file: dict[str, Path]
 
     @classmethod
@@ -59,22 +49,28 @@ class Checkpoint:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{path} is not a model directory: config.json is missing")
-        model_type = json.loads(config_file.read_text()).get("model_type")
-        if model_type != SUPPORTED_MODEL_TYPE:
-            raise CheckpointError(
-                f"{path} holds a {model_type!r} model; faasmoe serves {SUPPORTED_MODEL_TYPE!r} checkpoints"
-            )
+        declared = json.loads(config_file.read_text())
+        if declared.get("model_type") not in FAMILIES:
+            raise CheckpointError(f"{path}: {unsupported(declared)}")
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path)
+        if getattr(config, "sliding_window", None):  # qwen2_moe writes 0 when it is off, the others None
+            raise CheckpointError(f"{path}: sliding-window attention (sliding_window={config.sliding_window}) "
+                                  "is not supported yet")  # fmt: skip
         return cls(path=path, config=config, key_to_file=_index_tensors(path))
+
+    @property
+    def family(self) -> MoeFamily:
+        return FAMILIES[self.config.model_type]
 
     @property
     def dtype(self) -> torch.dtype:
         return self.config.dtype or torch.float32
 
     def trunk_keys(self) -> list[str]:
-        return [k for k in self.key_to_file if not is_routed_expert_key(k)]
+        """The hub keys of every tensor but the routed experts'."""
+        return [k for k in self.key_to_file if not self.family.is_routed_expert_key(k)]
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """Reads the named tensors (copies into memory), opening each file once."""
@@ -91,11 +87,13 @@ class Checkpoint:
         return tensors
 
     def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        keys = [expert_key(layer, expert, p) for p in EXPERT_PROJECTIONS]
-        missing = [k for k in keys if k not in self.key_to_file]
+        """One expert's gate, up and down, named by expert_key whatever the family's hub names."""
+        hub_keys = {expert_key(layer, expert, p): self.family.expert_key(layer, expert, p) for p in EXPERT_PROJECTIONS}
+        missing = [k for k in hub_keys.values() if k not in self.key_to_file]
         if missing:
             raise CheckpointError(f"{self.path}: expert {expert} of layer {layer} is missing ({missing[0]})")
-        return self.read(keys)
+        tensors = self.read(hub_keys.values())
+        return {name: tensors[hub_key] for name, hub_key in hub_keys.items()}
 
 
 def _index_tensors(path: Path) -> dict[str, Path]:

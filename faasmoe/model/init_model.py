@@ -1,4 +1,5 @@
-"""`faasmoe init-model`: a randomly initialised qwen2_moe checkpoint in the hub format, plus a tokenizer.
+"""`faasmoe init-model`: a randomly initialised checkpoint of a supported MoE family in its hub format
+(transformers' own model class writes it), plus a tokenizer.
 
 Nothing is downloaded: the config comes from a preset, the weights from a seeded generator, and the
 tokenizer is trained offline on a corpus the package ships.
@@ -11,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Qwen2MoeForCausalLM
+from transformers import PreTrainedModel
 
+from faasmoe.model.families import FAMILIES
 from faasmoe.model.presets import preset_config
 from faasmoe.model.tokenizer import build_tokenizer
 
@@ -41,7 +43,7 @@ def init_model(out_dir: Path, options: InitModelOptions) -> Path:
     dtype = parse_dtype(options.dtype)
     config = preset_config(options.preset, options.layers)
     torch.manual_seed(options.seed)
-    model = Qwen2MoeForCausalLM(config)
+    model = FAMILIES[config.model_type].causal_lm_class()(config)
     if options.router_skew > 0:
         skew_routers(model, options.router_skew, torch.Generator().manual_seed(options.seed))
     model = model.to(dtype)
@@ -53,7 +55,7 @@ def init_model(out_dir: Path, options: InitModelOptions) -> Path:
 
 
 @torch.no_grad()
-def skew_routers(model: Qwen2MoeForCausalLM, exponent: float, generator: torch.Generator) -> None:
+def skew_routers(model: PreTrainedModel, exponent: float, generator: torch.Generator) -> None:
     """Makes expert popularity Zipf-like, as in trained routers (a few hot experts per layer).
 
     Every token embedding gets a shared component along a direction u, which survives the norms as a

@@ -1,4 +1,5 @@
-"""The MoE block of the trunk: router -> executor (routed experts, anywhere) -> combine with the shared expert.
+"""The MoE block of the trunk: router -> executor (routed experts, anywhere) -> combine with the shared expert
+(in the families that have one).
 
 The block defines what it needs from an executor (``ExpertExecutor``, ``RoutedTokens``, ``FunctionFailed``);
 ``faasmoe.dispatch`` implements it, in-process or through the functions.
@@ -8,6 +9,8 @@ Shape legend: B batch, L positions, T = B * L tokens, K top-k, H hidden.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,7 +18,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
 from faasmoe.errors import FaasmoeError
 
@@ -40,7 +42,7 @@ class RoutedTokens:
     layer: int
     hidden: torch.Tensor  # [T, H]
     expert_ids: torch.Tensor  # [T, K] int64
-    weights: torch.Tensor  # [T, K] routing weights, model dtype
+    weights: torch.Tensor  # [T, K] routing weights, in the dtype the family's router gives (model dtype or float32)
 
 
 class ExpertExecutor(Protocol):
@@ -59,22 +61,63 @@ class ExpertExecutor(Protocol):
         ...
 
 
-class SplitMoeBlock(nn.Module):
-    """Replaces transformers' Qwen2MoeSparseMoeBlock; keeps its router and shared expert, not its experts."""
+@dataclass
+class RoutedTime:
+    """Seconds a block's thread spent on its routed experts since the last ``take``, for the step breakdown.
 
-    def __init__(self, block: Qwen2MoeSparseMoeBlock, layer: int, executor: ExpertExecutor) -> None:
+    ``submit_s`` is spent inside executor.submit: scatter and encode, or with in-process experts their
+    whole compute; ``wait_s`` blocked on the result once the shared expert is done. Only the thread that
+    steps the trunk adds and takes, so no lock.
+    """
+
+    submit_s: float = 0.0
+    wait_s: float = 0.0
+
+    def add(self, submit_s: float, wait_s: float) -> None:
+        self.submit_s += submit_s
+        self.wait_s += wait_s
+
+    def take(self) -> RoutedTime:
+        taken = RoutedTime(self.submit_s, self.wait_s)
+        self.submit_s = self.wait_s = 0.0
+        return taken
+
+
+# Sees each step's router choices (layer, expert_ids [T, K]) before the experts run; must not change them.
+RoutingObserver = Callable[[int, torch.Tensor], None]
+# Sees each step's (layer, router input x [T, H], expert_ids [T, K]) while the experts run; must not change them.
+LookaheadHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class SplitMoeBlock(nn.Module):
+    """Replaces a family's transformers sparse block (faasmoe/model/families.py); keeps its router and its
+    sigmoid-gated shared expert where it has one (qwen2_moe), not its routed experts."""
+
+    def __init__(self, block: nn.Module, layer: int, executor: ExpertExecutor) -> None:
         super().__init__()
-        self.gate = block.gate
-        self.shared_expert = block.shared_expert
-        self.shared_expert_gate = block.shared_expert_gate
+        self.gate = block.gate  # every family's router returns (logits, weights [T, K], expert_ids [T, K])
+        self.shared_expert: nn.Module | None = getattr(block, "shared_expert", None)
+        self.shared_expert_gate: nn.Module | None = getattr(block, "shared_expert_gate", None)
         self.layer = layer
         self.executor = executor
+        self.routed_time = RoutedTime()
+        self.observer: RoutingObserver | None = None  # routing statistics (faasmoe/elastic), when on
+        self.lookahead: LookaheadHook | None = None  # wakes the next layer's functions early (elastic/lookahead.py)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         B, L, H = hidden_states.shape
         x = hidden_states.view(-1, H)  # [T, H]
         _, weights, expert_ids = self.gate(x)  # [T, K] each
+        if self.observer is not None:
+            self.observer(self.layer, expert_ids)
+        started = time.perf_counter()
         routed = self.executor.submit(RoutedTokens(self.layer, x, expert_ids, weights))
+        submitted = time.perf_counter()
+        if self.lookahead is not None:  # guesses the next layer's experts while this layer's run
+            self.lookahead(self.layer, x, expert_ids)
         # The shared expert runs here while the routed experts are in flight.
-        shared = F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # [T, H]
-        return (routed.result() + shared).view(B, L, H)
+        shared = None if self.shared_expert is None else F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        waiting = time.perf_counter()
+        routed_sum = routed.result()  # [T, H]
+        self.routed_time.add(submitted - started, time.perf_counter() - waiting)
+        return (routed_sum if shared is None else routed_sum + shared).view(B, L, H)

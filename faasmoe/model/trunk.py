@@ -1,4 +1,4 @@
-"""The trunk: transformers' Qwen2-MoE with every routed-expert block split out to an ExpertExecutor.
+"""The trunk: the family's transformers model with every routed-expert block split out to an ExpertExecutor.
 
 The trunk holds embeddings, attention (each sequence with its own KV cache), norms, routers, shared
 experts and the LM head. It is built on the meta device and filled with the checkpoint's non-expert
@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import DynamicCache, Qwen2MoeForCausalLM
+from transformers import DynamicCache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
-from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeRotaryEmbedding, Qwen2MoeSparseMoeBlock
 
 from faasmoe.errors import CheckpointError
 from faasmoe.model.attention import SequenceSlice, batched_attention
-from faasmoe.model.checkpoint import Checkpoint, is_routed_expert_key
-from faasmoe.model.moe_block import ExpertExecutor, SplitMoeBlock
+from faasmoe.model.checkpoint import Checkpoint
+from faasmoe.model.families import MoeFamily
+from faasmoe.model.moe_block import ExpertExecutor, LookaheadHook, RoutingObserver, SplitMoeBlock
 from faasmoe.planning.digest import verify_sha256
 
 
@@ -38,7 +38,7 @@ class SequenceState:
 
 
 class Trunk:
-    def __init__(self, model: Qwen2MoeForCausalLM) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
         self.config = model.config
 
@@ -56,10 +56,12 @@ class Trunk:
         """
         config = checkpoint.config
         config._attn_implementation = "sdpa"
+        family = checkpoint.family
         with torch.device("meta"):
-            model = Qwen2MoeForCausalLM(config)
+            model = family.causal_lm_class()(config)
+        sparse_block = family.sparse_block_class()
         for index, layer in enumerate(model.model.layers):
-            if isinstance(layer.mlp, Qwen2MoeSparseMoeBlock):
+            if isinstance(layer.mlp, sparse_block):
                 layer.mlp = SplitMoeBlock(layer.mlp, index, executor)
         state = _read_trunk(checkpoint, trunk_file, trunk_sha256)
         if config.tie_word_embeddings and "lm_head.weight" not in state:
@@ -70,9 +72,24 @@ class Trunk:
             raise CheckpointError(f"{checkpoint.path}: trunk tensor {missing[0]} is missing")
         model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
         # Buffers computed at construction (rotary frequencies) were made on meta: rebuild them.
-        model.model.rotary_emb = Qwen2MoeRotaryEmbedding(config)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
         model.eval()
         return cls(model)
+
+    @property
+    def moe_blocks(self) -> list[SplitMoeBlock]:
+        """The MoE layers' blocks, in layer order."""
+        return [layer.mlp for layer in self.model.model.layers if isinstance(layer.mlp, SplitMoeBlock)]
+
+    def observe_routing(self, observer: RoutingObserver | None) -> None:
+        """Hands every MoE layer's router choices of each step to ``observer`` (None: to nobody)."""
+        for block in self.moe_blocks:
+            block.observer = observer
+
+    def look_ahead(self, hook: LookaheadHook | None) -> None:
+        """Hands every MoE layer's router input and choices of each step to ``hook`` (None: to nobody)."""
+        for block in self.moe_blocks:
+            block.lookahead = hook
 
     def new_sequence(self, prompt: list[int]) -> SequenceState:
         return SequenceState(cache=DynamicCache(config=self.config), new_tokens=list(prompt))
@@ -121,11 +138,18 @@ class Trunk:
 
 
 def _read_trunk(checkpoint: Checkpoint, trunk_file: Path | None, sha256: str | None) -> dict[str, torch.Tensor]:
+    """The trunk tensors by the names of transformers' model (the files hold them by their hub keys)."""
     if trunk_file is None:
-        return checkpoint.read(checkpoint.trunk_keys())
+        return _model_keys(checkpoint.family, checkpoint.read(checkpoint.trunk_keys()))
     if not trunk_file.is_file():
         raise CheckpointError(f"trunk weights {trunk_file} are missing")
     if sha256 is not None:
         verify_sha256(trunk_file, sha256, "trunk file")
+    family = checkpoint.family
     with safe_open(str(trunk_file), framework="pt") as f:
-        return {key: f.get_tensor(key) for key in f.keys() if not is_routed_expert_key(key)}
+        hub = {key: f.get_tensor(key) for key in f.keys() if not family.is_routed_expert_key(key)}
+    return _model_keys(family, hub)
+
+
+def _model_keys(family: MoeFamily, hub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {family.model_key(key): tensor for key, tensor in hub.items()}

@@ -1,6 +1,8 @@
 """`faasmoe export`: a checkpoint -> plan.json, one expert shard per function, and the trunk weights.
 
 plan.json records each file's sha256, hashed from the file as written, so a loader can tell a corrupt copy.
+Every file is written beside its name and renamed over it, so re-exporting into a plan directory that
+running replicas map leaves their files intact.
 """
 
 from __future__ import annotations
@@ -8,9 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from faasmoe.experts.shard import write_shard
+from faasmoe.experts.shard import save_file_atomically, write_shard
 from faasmoe.model.checkpoint import Checkpoint
 from faasmoe.planning.digest import file_sha256
 from faasmoe.planning.plan import DEFAULT_PREFIX, ModelShape, Plan
@@ -28,7 +28,7 @@ def export(
     checkpoint = Checkpoint.open(model_dir)
     plan = Plan.group(ModelShape.of(checkpoint), experts_per_function, layers_per_function, prefix)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(checkpoint.read(checkpoint.trunk_keys()), str(out_dir / plan.trunk), metadata={"format": "pt"})
+    save_file_atomically(checkpoint.read(checkpoint.trunk_keys()), out_dir / plan.trunk, {"format": "pt"})
     plan.trunk_sha256 = file_sha256(out_dir / plan.trunk)
     for function in plan.functions:
         experts = {(layer, e): checkpoint.read_expert(layer, e) for layer, e in function.experts}

@@ -11,17 +11,20 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from faasmoe.errors import PlanError
-from faasmoe.model.checkpoint import Checkpoint, moe_layers
+from faasmoe.model.checkpoint import Checkpoint
+from faasmoe.model.families import FAMILIES
 from faasmoe.planning.digest import Sha256
 
 if TYPE_CHECKING:  # transformers costs ~1.5 s to import
-    from transformers import Qwen2MoeConfig
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
 # Version 2 records a sha256 per shard and of the trunk file; version 1 plans have none and still load.
-PLAN_VERSION = 2
+# Version 3 writes shards in the layout the maths reads (faasmoe.experts.shard.FORMAT), mapped at load
+# without a copy; a shard says its own format, so the shards of version 1 and 2 plans still load.
+PLAN_VERSION = 3
 DIGESTS_SINCE = 2
 TRUNK_FILE = "trunk.safetensors"
 SHARD_DIR = "functions"
@@ -29,7 +32,7 @@ DEFAULT_PREFIX = "moe"
 
 
 class ModelShape(BaseModel):
-    """What a plan must agree on with its model."""
+    """What a plan must agree on with its model; ``model_type`` names its family (faasmoe/model/families.py)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -47,19 +50,20 @@ class ModelShape(BaseModel):
         return cls.from_config(checkpoint.config, checkpoint.dtype)
 
     @classmethod
-    def from_config(cls, config: Qwen2MoeConfig, dtype: torch.dtype | None = None) -> ModelShape:
+    def from_config(cls, config: PretrainedConfig, dtype: torch.dtype | None = None) -> ModelShape:
         """The shape a config describes; ``dtype`` defaults to the config's (a preset's has none: float32)."""
         c = config
+        family = FAMILIES[c.model_type]
         dtype = dtype or c.dtype or torch.float32
         return cls(
             model_type=c.model_type,
             num_hidden_layers=c.num_hidden_layers,
             hidden_size=c.hidden_size,
-            moe_intermediate_size=c.moe_intermediate_size,
-            num_experts=c.num_experts,
+            moe_intermediate_size=family.intermediate_size(c),
+            num_experts=c.num_experts,  # each family's config answers to num_experts (transformers' attribute_map)
             num_experts_per_tok=c.num_experts_per_tok,
             dtype=str(dtype).removeprefix("torch."),
-            moe_layers=moe_layers(c),
+            moe_layers=family.moe_layers(c),
         )
 
 

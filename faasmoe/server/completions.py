@@ -161,6 +161,7 @@ def _start(
             code="quota_exceeded",
             headers={"Retry-After": str(round(exc.retry_after_s))},
         ) from None
+    platform.prewarm(tenant.name, len(prompt_ids))
     prefix = "chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl"
     generation = Generation(body, seq, engine, tenant, charge, platform.metrics, model, completion_id(prefix))
     try:

@@ -97,8 +97,12 @@ class Engine:
                 continue
             for seq, row in zip(batch, logits, strict=True):
                 self._advance(seq, row)
+            seconds = time.perf_counter() - started
             for observer in self.step_observers:
-                observer(batch, time.perf_counter() - started)
+                try:
+                    observer(batch, seconds)
+                except Exception:  # metrics and statistics: their failure must not end the engine
+                    log.exception("step observer %r failed", observer)
 
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Samples seq's next token and emits it; a failure here ends seq alone."""

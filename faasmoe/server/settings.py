@@ -13,6 +13,11 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from faasmoe.elastic.keep_alive import KeepAliveMode, KeepAliveSettings
+from faasmoe.elastic.predictor import PredictorSettings
+from faasmoe.elastic.prewarm import PrewarmMode
+from faasmoe.elastic.routing_profile import DEFAULT_INTERVAL_S
+from faasmoe.elastic.routing_stats import DEFAULT_HALF_LIFE_S
 from faasmoe.planning.stack import StackSettings
 from faasmoe.server.scheduler import SchedulerSettings
 
@@ -50,6 +55,18 @@ class ServeSettings(BaseSettings):
     reconcile: bool = Field(False, description="deploy the plan's missing functions and update changed ones")
     reconcile_interval_s: float = Field(5.0, gt=0, description="seconds between comparisons with the gateway")
     functions: StackSettings = Field(default_factory=StackSettings, description="what reconciliation deploys")
+    # Routing statistics (elastic/routing_stats.py), persisted as the routing profile (docs/elasticity.md).
+    routing_half_life_s: float = Field(DEFAULT_HALF_LIFE_S, gt=0, description="decay of the routing statistics")
+    routing_profile: Path | None = Field(None, description="JSON file loaded at start, written back; None: off")
+    routing_profile_interval_s: float = Field(DEFAULT_INTERVAL_S, gt=0, description="seconds between its writes")
+    predictor: PredictorSettings = Field(default_factory=PredictorSettings, description="the popularity predictor")
+    # Prewarm (elastic/prewarm.py): at admission, wake the functions a request will need, all layers at once.
+    prewarm: PrewarmMode = Field(PrewarmMode.PREDICTED, description="off, all, or predicted; no-op without a gateway")
+    prewarm_threshold: float = Field(0.05, gt=0, le=1, description="predicted: wake functions at least this likely")
+    prewarm_concurrency: int = Field(16, ge=1, description="prewarm calls in flight to the gateway at most")
+    # Keep-alive (elastic/idler.py): scale a function to zero once idle for its own keep-alive, at most its label's.
+    keep_alive: KeepAliveMode = Field(KeepAliveMode.ADAPTIVE, description="fixed or adaptive; no-op without a gateway")
+    keep_alive_policy: KeepAliveSettings = Field(default_factory=KeepAliveSettings, description="adaptive's knobs")
 
     @model_validator(mode="after")
     def _functions_as_deploy_would(self) -> ServeSettings:

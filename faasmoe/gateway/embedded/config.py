@@ -112,6 +112,9 @@ class EmbeddedGatewaySettings(BaseSettings):
     # again for every request: requests meanwhile get the same failure at once. An update clears it.
     start_failure_cooldown_s: float = Field(default=10.0, ge=0, description="how long a start failure is final")
     reaper_interval_s: float = Field(default=1.0, gt=0, description="how often idleness is checked")
+    direct_replicas: bool = Field(
+        default=True, description="name the serving replica in invocation answers, for callers to call it directly"
+    )
 
     upstream_timeout_s: float = Field(default=300.0, gt=0, description="how long an invocation may take")
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1, description="larger invocations get 413")
@@ -251,11 +254,10 @@ def inherited(settings: EmbeddedGatewaySettings, environ: Mapping[str, str] | No
     }
 
 
-def replica_environment(
-    settings: EmbeddedGatewaySettings, deployment: FunctionDeployment, host: str, port: int
-) -> dict[str, str]:
-    """Inherited variables, then the deployment's envVars; the listen address is the gateway's to choose."""
-    return {**inherited(settings), **deployment.env_vars, "FAASMOE_HOST": host, "FAASMOE_PORT": str(port)}
+def replica_environment(settings: EmbeddedGatewaySettings, deployment: FunctionDeployment, host: str) -> dict[str, str]:
+    """Inherited variables, then the deployment's envVars; the listen address (FAASMOE_HOST, and FAASMOE_PORT
+    once the replica's port is chosen) is the gateway's to choose."""
+    return {**inherited(settings), **deployment.env_vars, "FAASMOE_HOST": host}
 
 
 def command_of(settings: EmbeddedGatewaySettings, deployment: FunctionDeployment) -> list[str]:

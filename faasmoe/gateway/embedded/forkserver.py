@@ -34,8 +34,9 @@ class ForkedProcess:
     """A replica forked by the zygote: ``pid`` and ``returncode`` as replicas read them, and the blocking
     poll/wait/terminate of subprocess.Popen for synchronous callers (benchmarks/function_bench.py)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, port: int) -> None:
         self.pid = pid
+        self.port = port  # the zygote bound the replica's socket before forking it
         self.returncode: int | None = None
         self._exited = threading.Event()  # wait() is called from worker threads
 
@@ -81,7 +82,7 @@ class ForkServer:
         return self._process is not None and self._process.returncode is None and self._reader is not None
 
     async def spawn(self, env: dict[str, str], log_path: Path) -> ForkedProcess:
-        """Forks a replica; raises ReplicaUnavailable if the zygote cannot."""
+        """Forks a replica, listening on a port the zygote chose (``port``); raises ReplicaUnavailable if it cannot."""
         async with self._lock:
             self.start()
             assert self._started is not None
@@ -100,7 +101,7 @@ class ForkServer:
             raise ReplicaLost(f"the function runtime could not fork a replica: {_ZYGOTE_EXITED}")
         if "spawned" not in reply:
             raise ReplicaUnavailable(f"the function runtime could not fork a replica: {reply.get('error', reply)}")
-        child = ForkedProcess(reply["spawned"])
+        child = ForkedProcess(reply["spawned"], reply["port"])
         self._children[child.pid] = child
         return child
 

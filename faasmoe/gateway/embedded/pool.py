@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from faasmoe.errors import BadRequest, FaasmoeError
+from faasmoe.function.headers import IDLE_HEADER
 from faasmoe.gateway.embedded.config import (
     NAMESPACE,
     EmbeddedGatewaySettings,
@@ -39,8 +40,8 @@ from faasmoe.gateway.embedded.config import (
 )
 from faasmoe.gateway.embedded.forkserver import ForkServer
 from faasmoe.gateway.embedded.replica import Replica, ReplicaLost, ReplicaState, ReplicaUnavailable
-from faasmoe.gateway.schemas import FunctionDeployment, FunctionStatus
-from faasmoe.process import free_port
+from faasmoe.gateway.schemas import DIRECT_URL_HEADER, FunctionDeployment, FunctionStatus
+from faasmoe.process import free_port, listening_socket
 from faasmoe.request_body import read_body
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ _ATTEMPTS = 2
 _DEATH_GRACE_S = 0.5
 # Forwarding to replicas: connections are pooled and kept alive; a connect is quick on loopback.
 _CONNECT_TIMEOUT_S = 5.0
+# How long the reaper waits for a replica to tell its idle time (it answers from its event loop).
+_IDLE_PROBE_S = 1.0
 _MAX_CONNECTIONS = 256
 _MAX_KEEPALIVE = 64
 # OpenFaaS function names are DNS-1123 labels; that also keeps them safe as log file names.
@@ -167,6 +170,7 @@ class FunctionPool:
                     try:
                         url = replica.url + target
                         upstream = await http.request(request.method, url, content=body, headers=headers)
+                        served_by = replica
                     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                         # Never reached the function (the replica died or is shutting down): replace it.
                         self.report_unreachable(replica)
@@ -192,6 +196,8 @@ class FunctionPool:
             for key, value in upstream.headers.multi_items():
                 if key.lower() not in _NOT_RETURNED:
                     response.headers.append(key, value)
+            if self.publishes_replicas:
+                response.headers[DIRECT_URL_HEADER] = served_by.url
             return response
         raise AssertionError("unreachable: the loop returns or raises on its last attempt")
 
@@ -296,6 +302,25 @@ class FunctionPool:
             for replica in order[:surplus]:
                 self._stop(replica)
 
+    @property
+    def publishes_replicas(self) -> bool:
+        """Whether callers learn this function's replica addresses (the direct path): faasmoe's function
+        server only, which refuses a call meant for another function and reports its own idle time."""
+        return self._settings.direct_replicas and self._launcher.runs_function_server(self.deployment)
+
+    async def count_direct_calls(self, now: float) -> None:
+        """Before an idle check: calls that went straight to a replica count as use, as the replica tells
+        on its ready path (seconds since its last invocation)."""
+        if not self.publishes_replicas or self.idle_for(now) < self.policy.idle_timeout_s:
+            return
+        for replica in [r for r in self._replicas if r.state is ReplicaState.READY]:
+            try:
+                ready = await self._launcher.http.get(replica.url + self.policy.ready_path, timeout=_IDLE_PROBE_S)
+                idle = float(ready.headers[IDLE_HEADER])
+            except (httpx.HTTPError, KeyError, ValueError):
+                continue  # gone or not telling: the gateway's own count stands
+            self.last_used = max(self.last_used, now - idle)
+
     def idle_for(self, now: float) -> float:
         return 0.0 if self.in_flight else now - self.last_used
 
@@ -310,6 +335,15 @@ class FunctionPool:
         )
         self.scale(self.policy.min_replicas)
         return True
+
+    def relabel(self, deployment: FunctionDeployment, policy: ScalePolicy) -> None:
+        """Take a deployment that runs what this one runs and differs in labels only: the replicas keep running
+        (as the labels are metadata), and the scale policy read from them applies from now on."""
+        self.deployment = deployment
+        self.policy = policy
+        self._failure = None  # as any update clears it
+        self.desired = policy.clamp(self.desired)
+        self.reconcile()
 
     async def redeploy(self, deployment: FunctionDeployment, policy: ScalePolicy) -> None:
         """Replace the deployment: old replicas stop, new ones start with the new environment."""
@@ -392,6 +426,12 @@ class FunctionPool:
         task.add_done_callback(self._background.discard)
 
 
+def runs_the_same(old: FunctionDeployment, new: FunctionDeployment) -> bool:
+    """Whether two deployments of a function differ at most in their labels: the same image, command,
+    environment, annotations (the ready path among them) and resources, so the same processes."""
+    return old.model_copy(update={"labels": {}}) == new.model_copy(update={"labels": {}})
+
+
 def _again(failure: BaseException) -> BaseException:
     """A fresh exception saying what ``failure`` said, for one more request (tracebacks are not shared)."""
     return type(failure)(str(failure))
@@ -424,15 +464,18 @@ class ReplicaLauncher:
         self.forkserver = forkserver  # None: every replica is exec'd
 
     def create(self, deployment: FunctionDeployment) -> Replica:
-        return Replica(deployment.service, _REPLICA_HOST, free_port(_REPLICA_HOST), self.log_path(deployment.service))
+        return Replica(deployment.service, _REPLICA_HOST, self.log_path(deployment.service))
 
     def log_path(self, function: str) -> Path:
         return self.log_dir / f"{function}.log"
 
+    def runs_function_server(self, deployment: FunctionDeployment) -> bool:
+        """Whether the deployment runs faasmoe's own function server (not an envProcess or another command)."""
+        return not deployment.env_process and self.settings.function_command == default_function_command()
+
     def forkserver_for(self, deployment: FunctionDeployment) -> ForkServer | None:
         """The zygote that forks this function's replicas: faasmoe's function server only, and only in fork mode."""
-        default = not deployment.env_process and self.settings.function_command == default_function_command()
-        return self.forkserver if default else None
+        return self.forkserver if self.runs_function_server(deployment) else None
 
     def prepare(self, deployment: FunctionDeployment) -> None:
         """On deploy: start the zygote now if this function forks, so its first cold start need not import."""
@@ -443,11 +486,17 @@ class ReplicaLauncher:
         """Spawn ``replica`` and wait until it is ready; on failure its process is stopped."""
         command = command_of(self.settings, deployment)
         try:
-            environment = replica_environment(self.settings, deployment, replica.host, replica.port)
+            environment = replica_environment(self.settings, deployment, replica.host)
             if (forkserver := self.forkserver_for(deployment)) is not None:
-                await replica.fork(forkserver, environment)
-            else:
-                await replica.spawn(command, environment)
+                await replica.fork(forkserver, environment)  # the zygote binds its socket
+            elif self.runs_function_server(deployment):  # it serves on a socket bound here: no port race
+                with listening_socket(replica.host) as sock:
+                    fd, port = sock.fileno(), sock.getsockname()[1]
+                    environment |= {"FAASMOE_LISTEN_FD": str(fd), "FAASMOE_PORT": str(port)}
+                    await replica.spawn(command, environment, port, pass_fds=(fd,))
+            else:  # another program binds the port it is told, as behind of-watchdog
+                port = free_port(replica.host)
+                await replica.spawn(command, environment | {"FAASMOE_PORT": str(port)}, port)
             await replica.wait_ready(self.http, ready_path, self.settings.cold_start_timeout_s)
         except OSError as exc:
             replica.state = ReplicaState.EXITED
@@ -516,6 +565,10 @@ class FunctionRegistry:
         pool = self.pool(deployment.service)
         check_runnable(self.settings, deployment)
         policy = ScalePolicy.for_deployment(deployment, self.settings)
+        if runs_the_same(pool.deployment, deployment):  # e.g. a new zero-duration: no restart
+            pool.relabel(deployment, policy)
+            logger.info("function %s relabelled; its replicas keep running", deployment.service)
+            return
         self.launcher.prepare(deployment)
         await pool.redeploy(deployment, policy)
         logger.info("function %s updated", deployment.service)
@@ -556,7 +609,10 @@ class FunctionRegistry:
         while True:
             await asyncio.sleep(self.settings.reaper_interval_s)
             try:
-                self.reap_once()
+                now = time.monotonic()
+                for pool in list(self._pools.values()):
+                    await pool.count_direct_calls(now)
+                self.reap_once(now)
             except Exception:  # a bug here must not end scale-to-zero for the gateway's lifetime
                 logger.exception("reaper failed")
 

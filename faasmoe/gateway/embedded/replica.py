@@ -59,12 +59,12 @@ class ReplicaState(enum.Enum):
 
 
 class Replica:
-    """A function server process listening on ``host:port``."""
+    """A function server process listening on ``host:port`` (the port is known once it is spawned)."""
 
-    def __init__(self, function: str, host: str, port: int, log_path: Path) -> None:
+    def __init__(self, function: str, host: str, log_path: Path) -> None:
         self.function = function
         self.host = host
-        self.port = port
+        self.port: int | None = None
         self.log_path = log_path
         self.state = ReplicaState.STARTING
         self.in_flight = 0
@@ -93,8 +93,9 @@ class Replica:
             await asyncio.sleep(_EXIT_POLL_S)
         return True
 
-    async def spawn(self, command: list[str], env: dict[str, str]) -> None:
-        """Runs ``command`` as a new process."""
+    async def spawn(self, command: list[str], env: dict[str, str], port: int, pass_fds: tuple[int, ...] = ()) -> None:
+        """Runs ``command`` as a new process listening on ``port`` (on the socket in ``pass_fds``, if given)."""
+        self.port = port
         with self.log_path.open("ab") as log:
             self._log_start(log, shlex.join(command))
             self.process = await asyncio.create_subprocess_exec(
@@ -106,6 +107,7 @@ class Replica:
                 # Own process group: the terminal's Ctrl-C reaches only the gateway, which then
                 # stops replicas in order; stop() signals the whole group (helpers included).
                 start_new_session=True,
+                pass_fds=pass_fds,
                 # Forked by the event loop's thread, which lives as long as the gateway.
                 preexec_fn=die_with_parent if sys.platform == "linux" else None,
             )
@@ -116,11 +118,12 @@ class Replica:
         with self.log_path.open("ab") as log:
             self._log_start(log, "forked from the function runtime")
         self.process = await server.spawn(env, self.log_path)
+        self.port = self.process.port
         logger.info("function %s: replica pid %d forked on port %d", self.function, self.pid, self.port)
 
     def _log_start(self, log: BinaryIO, how: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        log.write(f"--- {stamp} starting replica on port {self.port}: {how}\n".encode())
+        log.write(f"--- {stamp} starting replica: {how}\n".encode())
         log.flush()
 
     async def wait_ready(self, http: httpx.AsyncClient, ready_path: str, timeout_s: float) -> None:

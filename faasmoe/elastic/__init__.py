@@ -1,0 +1,1 @@
+"""Predictive elasticity: routing statistics, popularity predictors, prewarm and keep-alive."""
