@@ -23,7 +23,7 @@ import pytest
 from faasmoe.bench.sampler import ProcessRoot, ProcessTreeSampler
 from faasmoe.gateway.client import GatewayClient, GatewaySettings
 from faasmoe.gateway.embedded import GatewayProcess
-from faasmoe.gateway.embedded.forkserver import ZYGOTE_MODULE
+from faasmoe.gateway.embedded.forkserver import ZYGOTE_MODULE, ForkServer
 from faasmoe.model.generate import generate
 from faasmoe.model.sampling import SamplingParams
 from faasmoe.planning.deploy import deploy_plan
@@ -133,6 +133,50 @@ def test_a_replica_serves_on_the_socket_bound_for_it_before_it_started(plan_dir,
     finally:
         replica.terminate()
         replica.wait()
+
+
+def test_a_spawn_cancelled_while_forking_leaves_no_reply_and_no_replica_behind(plan_dir, tmp_path):
+    """A replica scaled down while it starts: the next spawn still gets its own replica, the unclaimed one stops."""
+    first, second, third = (f.name for f in Plan.load(plan_dir).functions[:3])
+
+    def env(function: str) -> dict[str, str]:
+        return {**os.environ, "FAASMOE_FUNCTION": function, "FAASMOE_WEIGHTS_URI": str(plan_dir),
+                "FAASMOE_THREADS": str(TEST_THREADS), "FAASMOE_HOST": "127.0.0.1"}  # fmt: skip
+
+    async def go() -> None:
+        server = ForkServer(tmp_path / "runtime.log", startup_timeout_s=120, env=dict(os.environ))
+        log = tmp_path / "replicas.log"
+        try:
+            kept = await server.spawn(env(first), log)
+            cancelled = asyncio.ensure_future(server.spawn(env(second), log))
+            while not server._lock.locked():  # its request is on its way to the zygote
+                await asyncio.sleep(0)
+            cancelled.cancel()
+            latest = await server.spawn(env(third), log)
+            for child, function in ((kept, first), (latest, third)):
+                stats = await asyncio.to_thread(_stats, f"http://127.0.0.1:{child.port}/stats")
+                assert stats["function"] == function and stats["pid"] == child.pid
+            zygote = psutil.Process(server._process.pid)
+            replicas = {kept.pid, latest.pid}
+            await asyncio.to_thread(
+                wait_until, lambda: {p.pid for p in zygote.children() if alive(p)} == replicas, "unclaimed one stops"
+            )
+            for child in (kept, latest):
+                child.terminate()
+        finally:
+            await server.close()
+
+    asyncio.run(go())
+
+
+def _stats(url: str) -> dict:
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        try:
+            return httpx.get(url, trust_env=False).json()
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, f"{url} never answered"
+            time.sleep(0.05)
 
 
 def _answers(url: str) -> bool:

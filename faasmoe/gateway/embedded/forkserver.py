@@ -83,20 +83,23 @@ class ForkServer:
 
     async def spawn(self, env: dict[str, str], log_path: Path) -> ForkedProcess:
         """Forks a replica, listening on a port the zygote chose (``port``); raises ReplicaUnavailable if it cannot."""
-        async with self._lock:
-            self.start()
-            assert self._started is not None
-            try:
-                await asyncio.shield(self._started)
-            except Exception as exc:
-                self._started = None  # the next spawn tries again
-                logger.error("the function runtime did not start: %r; see %s", exc, self.log_path)
-                raise ReplicaUnavailable("the function runtime did not start") from exc
-            assert self._process is not None and self._process.stdin is not None
-            request = {"env": env, "log": str(log_path)}
-            self._process.stdin.write(json.dumps(request).encode() + b"\n")
-            await self._process.stdin.drain()
-            reply = await self._replies.get()
+        self.start()
+        assert self._started is not None
+        try:
+            await asyncio.shield(self._started)
+        except Exception as exc:
+            self._started = None  # the next spawn tries again
+            logger.error("the function runtime did not start: %r; see %s", exc, self.log_path)
+            raise ReplicaUnavailable("the function runtime did not start") from exc
+        # Once asked, the zygote forks and answers, in order. A caller cancelled meanwhile (its replica scaled
+        # down while starting) must not leave that answer unread: the next spawn would take it for its own
+        # and route its function's calls to this replica. So the exchange runs on, and stops what it forked.
+        exchange = asyncio.ensure_future(self._exchange({"env": env, "log": str(log_path)}))
+        try:
+            reply = await asyncio.shield(exchange)
+        except asyncio.CancelledError:
+            exchange.add_done_callback(_stop_unclaimed)
+            raise
         if reply.get("error") == _ZYGOTE_EXITED:
             raise ReplicaLost(f"the function runtime could not fork a replica: {_ZYGOTE_EXITED}")
         if "spawned" not in reply:
@@ -104,6 +107,14 @@ class ForkServer:
         child = ForkedProcess(reply["spawned"], reply["port"])
         self._children[child.pid] = child
         return child
+
+    async def _exchange(self, request: dict) -> dict:
+        """One request and its reply, with no other in between."""
+        async with self._lock:
+            assert self._process is not None and self._process.stdin is not None
+            self._process.stdin.write(json.dumps(request).encode() + b"\n")
+            await self._process.stdin.drain()
+            return await self._replies.get()
 
     async def close(self) -> None:
         """Closes the zygote's input, so it exits; call after every replica has been stopped."""
@@ -167,3 +178,13 @@ class ForkServer:
             await self._process.wait()
         level = logging.INFO if self._closing else logging.WARNING
         logger.log(level, "function runtime (zygote) exited with code %s", self._process.returncode)
+
+
+def _stop_unclaimed(exchange: asyncio.Future[dict]) -> None:
+    """The replica forked for a caller that went away: nobody will serve on it or stop it, so stop it now."""
+    if exchange.cancelled() or exchange.exception() is not None:
+        return
+    pid = exchange.result().get("spawned")
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
