@@ -33,6 +33,11 @@ PREWARM_THRESHOLD_HELP = "predicted: wake the functions at least this likely to 
 ROUTING_PROFILE_HELP = "routing statistics file: loaded at start if it exists, written back (docs/elasticity.md)"
 ROUTING_PROFILE_INTERVAL_HELP = "seconds between writes of the routing profile (default 60)"
 KEEP_ALIVE_HELP = "fixed: every function its zero-duration label; adaptive (default): each its own, at most that"
+REPLICA_QUEUE_TARGET_HELP = (
+    "add a replica to a function whose calls wait longer than this (ms, mean) in its replicas, up to its "
+    "com.openfaas.scale.max, and split its rows over them (default 100; 0 or off: never)"
+)
+REPLICA_SCALE_IN_DELAY_HELP = "seconds of low queueing before a replica added for it is taken back (default 60)"
 
 
 @app.callback()
@@ -47,7 +52,11 @@ def _main(ctx: typer.Context) -> None:
 def init_model_command(
     out: Annotated[Path, typer.Argument(help="directory to write the checkpoint to")],
     preset: Annotated[
-        str, typer.Option(help="tiny, small-mixed, qwen1.5-moe-a2.7b, qwen3-30b-a3b, mixtral-8x7b (docs/families.md)")
+        str,
+        typer.Option(
+            help="a preset of docs/families.md: tiny, small-mixed, qwen1.5-moe-a2.7b, qwen3-30b-a3b, mixtral-8x7b, "
+            "olmoe-1b-7b, moonlight-16b-a3b, gpt-oss-20b, or a family's tiny one"
+        ),
     ] = "tiny",
     layers: Annotated[int | None, typer.Option(help="number of layers (shrinks the preset's depth)")] = None,
     dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
@@ -64,35 +73,133 @@ def init_model_command(
     typer.echo(f"wrote {out}")
 
 
+# The cost model's options (faasmoe/planning/cost.py: CostSettings), shared by `plan-cost` and `export ... auto`.
+PricePerGbS = Annotated[
+    float | None, typer.Option(help="dollars per GB-s of function memory held warm (default 0.0000166667)")
+]
+PricePerInvocation = Annotated[float | None, typer.Option(help="dollars per invocation (default 0.0000002)")]
+PricePerColdStart = Annotated[
+    float | None,
+    typer.Option(help="dollars per cold start (default: --cold-start-s x the experts' GB x --price-per-gb-s)"),
+]
+ColdStartS = Annotated[float | None, typer.Option(help="seconds a cold start stalls a step (default 1)")]
+CostZeroDuration = Annotated[
+    str | None, typer.Option(help="keep-alive after a function's last invocation, e.g. 5m (default 5m)")
+]
+TokensPerSecond = Annotated[float | None, typer.Option(help="the load (default: the routing profile's)")]
+TokensPerStep = Annotated[int | None, typer.Option(help="a tenant's tokens per step (default 1)")]
+BaseMemoryMib = Annotated[int | None, typer.Option(help="a replica's memory besides its weights (default 384)")]
+PLAN_ROUTING_PROFILE_HELP = "routing profile recorded by `faasmoe serve --routing-profile` (docs/deployment-cost.md)"
+
+
 @app.command("export")
 def export_command(
     model_dir: Annotated[Path, typer.Argument(help="Hugging Face MoE checkpoint: qwen2_moe, qwen3_moe or mixtral")],
     out_dir: Annotated[Path, typer.Argument(help="plan directory to write")],
-    experts_per_function: Annotated[int, typer.Option(help="experts per function per layer (N)")] = 20,
+    experts_per_function: Annotated[
+        str, typer.Option(help="experts per function per layer (N), or auto: the cheapest by the cost model")
+    ] = "20",
     layers_per_function: Annotated[int, typer.Option(help="consecutive MoE layers per function (M)")] = 1,
     prefix: Annotated[str, typer.Option(help="function name prefix")] = "moe",
+    grouping: Annotated[
+        str | None,
+        typer.Option(help="contiguous (default: by index) or popularity (hot experts together); auto tries both"),
+    ] = None,
+    routing_profile: Annotated[
+        Path | None, typer.Option(help=PLAN_ROUTING_PROFILE_HELP + "; needed by popularity and auto")
+    ] = None,
+    price_per_gb_s: PricePerGbS = None,
+    price_per_invocation: PricePerInvocation = None,
+    price_per_cold_start: PricePerColdStart = None,
+    cold_start_s: ColdStartS = None,
+    zero_duration: CostZeroDuration = None,
+    tokens_per_second: TokensPerSecond = None,
+    tokens_per_step: TokensPerStep = None,
+    base_memory_mib: BaseMemoryMib = None,
 ) -> None:
     """Group the routed experts into functions: plan.json, one shard per function, the trunk weights."""
     from rich.progress import Progress
 
     from faasmoe.model.checkpoint import Checkpoint
+    from faasmoe.planning.cost import CostSettings, cheapest, estimate_candidates
+    from faasmoe.planning.cost_table import format_estimates
     from faasmoe.planning.export import export
+    from faasmoe.planning.grouping import Grouping
     from faasmoe.planning.plan import ModelShape, Plan
+    from faasmoe.planning.profile import popularity, read_profile
 
+    if grouping not in (None, *(g.value for g in Grouping)):
+        raise BadOption(f"--grouping must be contiguous or popularity, got {grouping!r}")
+    chosen_grouping = Grouping(grouping or Grouping.CONTIGUOUS)
+    auto = experts_per_function == "auto"
+    size = None if auto else _experts_per_function(experts_per_function)
+    costs = given(price_per_gb_s=price_per_gb_s, price_per_invocation=price_per_invocation,
+                  price_per_cold_start=price_per_cold_start, cold_start_s=cold_start_s, zero_duration=zero_duration,
+                  tokens_per_second=tokens_per_second, tokens_per_step=tokens_per_step,
+                  base_memory_mib=base_memory_mib)  # fmt: skip
+    if routing_profile is None and (auto or chosen_grouping is Grouping.POPULARITY):
+        raise BadOption("--grouping popularity and --experts-per-function auto need --routing-profile FILE")
+    if costs and not auto:
+        raise BadOption(f"--{next(iter(costs)).replace('_', '-')} is for --experts-per-function auto only")
     shape = ModelShape.of(Checkpoint.open(model_dir))
-    count = len(Plan.group(shape, experts_per_function, layers_per_function, prefix).functions)
+    profile = read_profile(routing_profile, shape) if routing_profile is not None else None
+    hot = popularity(profile) if profile is not None else None
+    if auto:  # every size, in the given grouping or in both
+        groupings = [chosen_grouping] if grouping is not None else list(Grouping)
+        estimates = estimate_candidates(shape, layers_per_function, profile, CostSettings(**costs), groupings)
+        chosen = cheapest(estimates)
+        typer.echo(format_estimates(estimates, chosen))
+        size, chosen_grouping = chosen.experts_per_function, chosen.grouping
+    count = len(Plan.group(shape, size, layers_per_function, prefix, chosen_grouping, hot).functions)
     with Progress(transient=True) as progress:
         task = progress.add_task("writing function shards", total=count)
         plan = export(
             model_dir,
             out_dir,
-            experts_per_function,
+            size,
             layers_per_function,
             prefix,
             on_function=lambda _: progress.advance(task),
+            grouping=chosen_grouping,
+            popularity=hot,
         )
-    size = sum(f.bytes for f in plan.functions)
-    typer.echo(f"wrote {out_dir}: {len(plan.functions)} functions, {size / 1e6:.1f} MB of experts")
+    weights = sum(f.bytes for f in plan.functions)
+    typer.echo(
+        f"wrote {out_dir}: {len(plan.functions)} functions ({plan.grouping.value}, {plan.experts_per_function} "
+        f"experts x {plan.layers_per_function} layer(s) each), {weights / 1e6:.1f} MB of experts"
+    )
+
+
+@app.command("plan-cost")
+def plan_cost_command(
+    plan_dir: Annotated[Path, typer.Argument(help="plan directory written by `faasmoe export`")],
+    routing_profile: Annotated[Path, typer.Option(help=PLAN_ROUTING_PROFILE_HELP)],
+    price_per_gb_s: PricePerGbS = None,
+    price_per_invocation: PricePerInvocation = None,
+    price_per_cold_start: PricePerColdStart = None,
+    cold_start_s: ColdStartS = None,
+    zero_duration: CostZeroDuration = None,
+    tokens_per_second: TokensPerSecond = None,
+    tokens_per_step: TokensPerStep = None,
+    base_memory_mib: BaseMemoryMib = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the estimates as one JSON list")] = False,
+) -> None:
+    """The cost model at a routing profile's load: the plan and every candidate grouping of its model, per hour."""
+    from faasmoe.planning.cost import CostSettings, cheapest, compare
+    from faasmoe.planning.cost_table import format_estimates
+    from faasmoe.planning.plan import Plan
+    from faasmoe.planning.profile import read_profile
+
+    plan = Plan.load(plan_dir)
+    settings = CostSettings(**given(price_per_gb_s=price_per_gb_s, price_per_invocation=price_per_invocation,
+                                    price_per_cold_start=price_per_cold_start, cold_start_s=cold_start_s,
+                                    zero_duration=zero_duration, tokens_per_second=tokens_per_second,
+                                    tokens_per_step=tokens_per_step, base_memory_mib=base_memory_mib))  # fmt: skip
+    estimates = compare(plan, read_profile(routing_profile, plan.model), settings)
+    if as_json:
+        typer.echo(json.dumps([e.model_dump(mode="json") for e in estimates]))
+    else:
+        typer.echo(format_estimates(estimates, cheapest(estimates)))
 
 
 @app.command("generate")
@@ -310,6 +417,8 @@ def serve_command(
         float | None, typer.Option(help="seconds in which routing statistics decay to half (default 600)")
     ] = None,
     keep_alive: Annotated[str | None, typer.Option(help=KEEP_ALIVE_HELP)] = None,
+    replica_queue_target_ms: Annotated[str | None, typer.Option(help=REPLICA_QUEUE_TARGET_HELP)] = None,
+    replica_scale_in_delay: Annotated[float | None, typer.Option(help=REPLICA_SCALE_IN_DELAY_HELP)] = None,
 ) -> None:
     """Serve the OpenAI-compatible multi-tenant API (options also from FAASMOE_SERVE_* variables)."""
     from faasmoe.server.serve import serve
@@ -317,6 +426,7 @@ def serve_command(
 
     functions = given(image=function_image, weights_uri=function_weights_uri, threads=function_threads,
                       zero_duration=function_zero_duration)  # fmt: skip
+    hot_replicas = given(queue_target_ms=replica_queue_target_ms, scale_in_delay_s=replica_scale_in_delay)
     serve(ServeSettings(**given(model=model, plan=plan, tenants=tenants, gateway=gateway,
                                 gateway_basic_auth=gateway_basic_auth, host=host, port=port, mode=mode,
                                 served_model_name=served_model_name, threads=threads, reconcile=reconcile,
@@ -324,7 +434,8 @@ def serve_command(
                                 metrics_key=metrics_key, max_body_bytes=max_body_bytes, prewarm=prewarm,
                                 prewarm_threshold=prewarm_threshold, routing_profile=routing_profile,
                                 routing_profile_interval_s=routing_profile_interval,
-                                routing_half_life_s=routing_half_life, keep_alive=keep_alive)))  # fmt: skip
+                                routing_half_life_s=routing_half_life, keep_alive=keep_alive,
+                                hot_replicas=hot_replicas or None)))  # fmt: skip
 
 
 @app.command("up")
@@ -344,6 +455,8 @@ def up_command(
     ] = None,
     routing_profile_interval: Annotated[float | None, typer.Option(help=ROUTING_PROFILE_INTERVAL_HELP)] = None,
     keep_alive: Annotated[str | None, typer.Option(help=KEEP_ALIVE_HELP)] = None,
+    replica_queue_target_ms: Annotated[str | None, typer.Option(help=REPLICA_QUEUE_TARGET_HELP)] = None,
+    replica_scale_in_delay: Annotated[float | None, typer.Option(help=REPLICA_SCALE_IN_DELAY_HELP)] = None,
 ) -> None:
     """The whole platform on this machine: embedded gateway, functions, control plane. Ctrl-C or SIGTERM stops all."""
     from faasmoe.up import UpSettings, up
@@ -351,7 +464,15 @@ def up_command(
     up(UpSettings(model=model, tenants=tenants, host=host, port=port, experts_per_function=experts_per_function,
                   layers_per_function=layers_per_function, idle_timeout=idle_timeout, workdir=workdir,
                   prewarm=prewarm, prewarm_threshold=prewarm_threshold, routing_profile=routing_profile,
-                  routing_profile_interval_s=routing_profile_interval, keep_alive=keep_alive))  # fmt: skip
+                  routing_profile_interval_s=routing_profile_interval, keep_alive=keep_alive,
+                  replica_queue_target_ms=replica_queue_target_ms,
+                  replica_scale_in_delay_s=replica_scale_in_delay))  # fmt: skip
+
+
+def _experts_per_function(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise BadOption(f"--experts-per-function must be a positive integer or auto, got {text!r}")
+    return int(text)
 
 
 def _parse_ids(text: str, vocab_size: int) -> list[int]:

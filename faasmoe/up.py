@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from rich.console import Console
 
 from faasmoe.command import given
+from faasmoe.elastic.hot_replicas import QueueTarget
 from faasmoe.elastic.keep_alive import KeepAliveMode
 from faasmoe.elastic.prewarm import PrewarmMode
 from faasmoe.gateway.durations import PositiveDuration
@@ -57,6 +58,8 @@ class UpSettings(BaseModel):
     routing_profile: Path | None = Field(None, description=f"None: {ROUTING_PROFILE_FILE} in the workdir")
     routing_profile_interval_s: float | None = None
     keep_alive: KeepAliveMode | None = None
+    replica_queue_target_ms: QueueTarget | None = None
+    replica_scale_in_delay_s: float | None = Field(None, gt=0)
     default_preset: str = "qwen1.5-bench"  # the real per-layer shapes, shallow, small vocabulary
 
 
@@ -89,13 +92,15 @@ def up(settings: UpSettings, console: Console | None = None) -> None:
         # The functions use the control plane's thread count, so results match in-process ones bit for bit.
         functions = StackSettings(weights_uri=str(plan_dir), threads=torch.get_num_threads(),
                                   zero_duration=settings.idle_timeout)  # fmt: skip
+        hot_replicas = given(queue_target_ms=settings.replica_queue_target_ms,
+                             scale_in_delay_s=settings.replica_scale_in_delay_s)  # fmt: skip
         serve(ServeSettings(model=model_dir, plan=plan_dir, gateway=gateway.url, tenants=tenants,
                             gateway_basic_auth=SecretStr(f"{GATEWAY_USER}:{password}"), reconcile=True,
                             functions=functions, metrics_key=SecretStr(metrics_key), host=settings.host,
                             port=settings.port, routing_profile=routing_profile,
                             **given(prewarm=settings.prewarm, prewarm_threshold=settings.prewarm_threshold,
                                     routing_profile_interval_s=settings.routing_profile_interval_s,
-                                    keep_alive=settings.keep_alive)))  # fmt: skip
+                                    keep_alive=settings.keep_alive, hot_replicas=hot_replicas or None)))  # fmt: skip
 
 
 class UpProcess(ServiceProcess):

@@ -18,7 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from faasmoe.bench.assets import prepare_model
 from faasmoe.bench.breakdown import Scrape, StepFigures
+from faasmoe.bench.cost_model import CostModelFigures, cost_model_figures, routed_times
 from faasmoe.bench.distributions import LengthDistribution
 from faasmoe.bench.elasticity import (
     ColdFigures,
@@ -31,6 +33,7 @@ from faasmoe.bench.elasticity import (
 )
 from faasmoe.bench.loadgen import RequestResult, tokens_in_chunk
 from faasmoe.bench.metrics import (
+    FunctionFigures,
     Percentiles,
     SystemResult,
     cost_figures,
@@ -42,6 +45,7 @@ from faasmoe.bench.metrics import (
     request_figures,
 )
 from faasmoe.bench.plots import BREAKDOWN_FILE, MEMORY_FILE, SWEEP_FILE, write_plots
+from faasmoe.bench.profiling import PROFILE_SEED_OFFSET, ProfileSource, profiling_trace
 from faasmoe.bench.report import JSON_FILE, MARKDOWN_FILE, BenchReport, evaluate_targets, write_report
 from faasmoe.bench.runner import bench_command
 from faasmoe.bench.sampler import ProcessRoot, ProcessTreeSampler, RoleMemory, Sample
@@ -49,7 +53,12 @@ from faasmoe.bench.saturation import SaturationFigures
 from faasmoe.bench.settings import BenchSettings, Elasticity, SystemKind
 from faasmoe.bench.systems import system_specs
 from faasmoe.bench.wake import WakeFigures
-from faasmoe.bench.workload import generate_trace, load_trace, tenant_domains
+from faasmoe.bench.workload import Trace, TraceRequest, generate_trace, load_trace, tenant_domains
+from faasmoe.elastic.routing_profile import RoutingProfile
+from faasmoe.model.init_model import InitModelOptions, init_model
+from faasmoe.planning.cost import CostSettings, PlanEstimate, estimate
+from faasmoe.planning.grouping import Grouping
+from faasmoe.planning.plan import ModelShape, Plan
 from faasmoe.process import wait_until
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -124,6 +133,20 @@ def test_trace_round_trip_and_token_count_records(tmp_path: Path) -> None:
         load_trace(tmp_path / "bad.jsonl", seed=0, vocab_size=512)
 
 
+def test_profiling_trace_has_the_same_tenants_and_other_requests(tmp_path: Path) -> None:
+    settings = BenchSettings(tenants=3, duration=30, rate=1.0, idle=0, seed=5, domain_size=16)
+    trace = generate_trace(settings, 512)
+    profiled, description = profiling_trace(trace, settings, 512)
+    assert profiled.tenants == trace.tenants and str(5 + PROFILE_SEED_OFFSET) in description
+    domains = tenant_domains(trace.tenants, 16, seed=5, vocab_size=512)
+    assert all(set(r.prompt_ids) <= set(domains[r.tenant]) for r in profiled.requests), "the tenants' own domains"
+    assert {r.t for r in profiled.requests}.isdisjoint({r.t for r in trace.requests}), "other arrivals"
+    assert profiled.routed_tokens == sum(len(r.prompt_ids) + r.max_tokens - 1 for r in profiled.requests)
+    trace.save(tmp_path / "trace.jsonl")
+    replay = settings.model_copy(update={"trace": tmp_path / "trace.jsonl"})
+    assert profiling_trace(trace, replay, 512)[0] is trace, "a replayed trace profiles itself"
+
+
 # --- settings and systems ----------------------------------------------------------------------
 
 
@@ -149,6 +172,29 @@ def test_system_specs_sweep_granularity() -> None:
         SystemKind.FULL_SHARED,
         SystemKind.FAASMOE_SHARED,
     ]
+
+
+def test_groupings_label_faasmoe_shared_runs() -> None:
+    assert BenchSettings().grouping == [Grouping.CONTIGUOUS]
+    settings = BenchSettings(grouping="contiguous, popularity,contiguous", elasticity="predicted+adaptive",
+                             systems="faasmoe-shared,faasmoe-private", experts_per_function=[4])  # fmt: skip
+    assert settings.grouping == [Grouping.CONTIGUOUS, Grouping.POPULARITY]
+    labels = [s.label for s in system_specs(settings, num_experts=12, num_layers=2)]
+    assert labels == ["faasmoe-shared/e4/predicted+adaptive", "faasmoe-shared/e4/popularity/predicted+adaptive",
+                      "faasmoe-private/e4"]  # fmt: skip
+    with pytest.raises(ValueError, match="grouping"):
+        BenchSettings(grouping="random")
+    command = bench_command(BenchSettings(grouping="contiguous,popularity", base_memory_mib=64))
+    assert command == "faasmoe bench --grouping contiguous,popularity --base-memory-mib 64"
+
+
+def test_the_model_is_read_by_its_family(tmp_path: Path) -> None:
+    path = init_model(tmp_path / "deepseek", InitModelOptions("deepseek-tiny", dtype="float32"))
+    config = json.loads((path / "config.json").read_text())
+    assert "num_experts" not in config, "deepseek_v3 calls them n_routed_experts"
+    model = prepare_model(BenchSettings(model_dir=path, work_dir=tmp_path / "work"), tmp_path / "log").model
+    assert (model.num_experts, model.num_layers) == (16, 3)
+    assert model.moe_layers == [1, 2], "a dense first layer"
 
 
 def test_elasticity_modes() -> None:
@@ -414,6 +460,104 @@ def test_report_elasticity_sections_and_extrapolation(tmp_path: Path) -> None:
     assert keep[runs[0].system][-1] == keep[runs[1].system][-1] == "-"
 
 
+def small_plan(experts_per_function: int) -> tuple[Plan, RoutingProfile]:
+    """A 2-layer, 8-expert plan with 1 MB per expert, and a profile of two tenants with their own hot experts."""
+    shape = ModelShape(model_type="qwen2_moe", num_hidden_layers=2, hidden_size=16, moe_intermediate_size=8,
+                       num_experts=8, num_experts_per_tok=2, dtype="float32", moe_layers=[0, 1])  # fmt: skip
+    plan = Plan.group(shape, experts_per_function)
+    for function in plan.functions:
+        function.bytes = len(function.experts) * 1_000_000
+    hot = [[[100.0 / (e + 1) for e in range(8)]] * 2, [[100.0 / (8 - e) for e in range(8)]] * 2]
+    profile = RoutingProfile(model="bench", moe_layers=[0, 1], num_experts=8, half_life_s=600.0, decayed_to=0.0,
+                             tenants={"tenant-0": hot[0], "tenant-1": hot[1]})  # fmt: skip
+    return plan, profile
+
+
+def test_cost_model_follows_the_load_of_the_last_keep_alive() -> None:
+    plan, profile = small_plan(2)
+    settings = BenchSettings(idle_timeout=4.0, sample_interval=0.5, base_memory_mib=10)
+    keep_alive = 4.0 * 1.125  # the label and half a reaper period
+    prompt = RequestResult("tenant-1", 0, 0, 3, 3, token_times=[1.0, 1.2, 1.4])
+    # The prompt by the step of the first token, each output token but the last by the step of the next.
+    assert routed_times([prompt]) == [1.0, 1.0, 1.0, 1.2, 1.4]
+    # One token routed every K seconds, from 0.25 s to 40.75 s: every trailing K until 45.25 s holds exactly one.
+    times = [0.25 + keep_alive * i for i in range(10)]
+    results = [RequestResult("tenant-0", 0, 0, 1, 10, token_times=times)]
+    assert routed_times(results) == times
+    trace = Trace([TraceRequest(0.0, "tenant-0", [5], 10)], ["tenant-0"], 45.0, "generated")  # 10 routed in 45 s
+    measured = (3.0, 4, 1000)  # function GB-s, replica starts, invocations
+
+    def figures(end: float) -> CostModelFigures:
+        return cost_model_figures(plan, profile, settings, 10, trace, results, (keep_alive, end), measured)
+
+    cost = CostSettings(zero_duration="4500ms", base_memory_mib=10)
+    sparse = estimate(plan, profile, cost.model_copy(update={"tokens_per_second": 1 / keep_alive}))
+    assert 1 < sparse.warm_functions < len(plan.functions) - 1, "a load at which the warm share is not saturated"
+    busy = figures(45.0)
+    assert busy.modelled_gb_s == pytest.approx(sparse.gb_s_per_hour / 3600 * (45.0 - keep_alive))
+    assert busy.modelled_replicas == pytest.approx(sparse.warm_functions)
+    assert figures(60.0).modelled_gb_s == pytest.approx(busy.modelled_gb_s), "nothing warm after the last K"
+    # A cold start costs the plan's 16 MB of experts held for a second; steady is at the trace's mean load.
+    price = busy.price_per_cold_start
+    assert price == pytest.approx(1.0 * 0.016 * settings.price_per_gb_s)
+    assert busy.measured_usd == pytest.approx(3.0 * settings.price_per_gb_s + 4 * price + 1000 * 2e-7)
+    mean_load = cost.model_copy(update={"tokens_per_second": 10 / 45.0, "price_per_cold_start": price})
+    assert busy.steady == estimate(plan, profile, mean_load)
+
+
+def fake_planned(label: str, epf: int, grouping: str, gb_s: float, colds: int, modelled: float,
+                 per_hour: float, usd: float) -> SystemResult:  # fmt: skip
+    run = fake_result(label, SystemKind.FAASMOE_SHARED, 1.0, 10.0, 0.06, epf=epf)
+    run.grouping, run.functions = grouping, FunctionFigures(24 // epf, colds, 2.0, 4)
+    run.elasticity = fake_elasticity("predicted", "adaptive", 3, gb_s, penalty_s=1.0)
+    steady = PlanEstimate(given=False, grouping=Grouping(grouping), experts_per_function=epf, layers_per_function=1,
+                          functions=24 // epf, fits_ce=True, warm_functions=1.5, gb_s_per_hour=1.0,
+                          cold_starts_per_hour=1.0, invocations_per_hour=1.0, invocations_per_token=1.0,
+                          cost_per_hour=per_hour)  # fmt: skip
+    run.cost_model = CostModelFigures(16.875, 40, 1e-4, modelled, 1.5, usd, steady)
+    return run
+
+
+def test_report_cost_aware_plans(tmp_path: Path) -> None:
+    runs = [  # 1 request each: cold starts per request = replica starts
+        fake_planned("faasmoe-shared/e4/predicted+adaptive", 4, "contiguous", 40.0, 6, 44.0, 0.03, 0.0020),
+        fake_planned("faasmoe-shared/e4/popularity/predicted+adaptive", 4, "popularity", 28.0, 5, 40.0, 0.02, 0.0015),
+        fake_planned("faasmoe-shared/e12/predicted+adaptive", 12, "contiguous", 30.0, 2, 30.0, 0.05, 0.0010),
+        fake_planned("faasmoe-shared/e12/popularity/predicted+adaptive", 12, "popularity", 27.0, 3, 27.0, 0.04, 0.0012),
+    ]
+    shared = fake_result("full-shared", SystemKind.FULL_SHARED, 2.0, 10.0, 0.05)
+    results = [shared, *runs]
+    by = {(t.target, t.system): t for t in evaluate_targets(results)}
+    error = "cost model error: abs(modelled / measured - 1), function GB-s"
+    assert by[(error, runs[0].system)].value == pytest.approx(0.1) and by[(error, runs[0].system)].met is True
+    assert by[(error, runs[1].system)].value == pytest.approx(12 / 28) and by[(error, runs[1].system)].met is False
+    ratio, colder = "function GB-s popularity / contiguous", "cold starts / request popularity - contiguous"
+    assert by[(ratio, runs[1].system)].value == pytest.approx(0.7) and by[(ratio, runs[1].system)].met is True
+    assert by[(colder, runs[1].system)].value == pytest.approx(-1.0) and by[(colder, runs[1].system)].met is True
+    assert by[(ratio, runs[3].system)].value == pytest.approx(0.9) and by[(ratio, runs[3].system)].met is False
+    assert by[(colder, runs[3].system)].met is False and (ratio, runs[0].system) not in by
+    # auto picks the cheapest modelled (e4 popularity, $0.02/h), the 3rd cheapest measured of the 4.
+    auto = by[("auto's pick: rank by measured $ of 4 plans (predicted+adaptive)", runs[1].system)]
+    assert (auto.value, auto.met) == (3, True)
+    profile = ProfileSource("profile.json", "a trace of the same tenants", 8, 146)
+    model = {"preset": "tiny", "router_skew": 1.0, "moe_layers": 2, "config": {}}
+    report = BenchReport("faasmoe bench", "a machine", {}, model, {"tenants": 2}, results, [], [], profile)
+    write_report(report, tmp_path)
+    text = (tmp_path / MARKDOWN_FILE).read_text()
+    assert "Model: tiny (router skew 1 (Zipf); 2 MoE layers; )" in text and "a trace of the same tenants" in text
+    rows = section_rows(tmp_path, "Cost-aware plans")
+    table = {row[0]: row for row in rows if row[1] in ("contiguous", "popularity")}
+    assert table[runs[1].system][1:] == ["popularity", "6", "28.0", "5.00", "40", "40.0", "1.43", "2.0 / 1.5",
+                                         "0.00150", "0.0200"]  # fmt: skip
+    pairs = {row[0]: row for row in rows if row[1].startswith("faasmoe-shared/")}
+    assert pairs[runs[3].system][1:] == [runs[2].system, "2", "0.900", "1.00", "0.900"]
+    picks = [row for row in rows if row[0] == "predicted+adaptive"]
+    assert picks == [["predicted+adaptive", "4", runs[1].system, "0.0200", "3", runs[2].system]]
+    payload = json.loads((tmp_path / JSON_FILE).read_text())
+    assert payload["results"][2]["cost_model"]["steady"]["cost_per_hour"] == 0.02
+    assert payload["profile"]["routed_tokens"] == 146
+
+
 def check_report_files(out: Path, systems: list[str], saturated: list[str] = ()) -> dict:
     payload = json.loads((out / JSON_FILE).read_text())
     assert [r["system"] for r in payload["results"]] == systems
@@ -530,6 +674,12 @@ def test_quick_run_writes_a_complete_report(tmp_path: Path, no_leftovers: None) 
     assert results["faasmoe-private/e6"]["elasticity"]["cold"]["wake"] is None, "faasmoe-shared only"
     for heading in ("Cold starts after idle", "Prewarm: hit rate and waste", "Keep-alive: adaptive against fixed"):
         assert {row[0] for row in section_rows(out, heading)} == {shared_run, "faasmoe-private/e6"}, heading
+    # The cost model prices the faasmoe-shared run, with the routing profile of the profiling pass.
+    assert payload["profile"]["requests"] > 0 and Path(payload["profile"]["file"]).is_file()
+    modelled = results[shared_run]["cost_model"]
+    assert modelled["base_memory_mib"] > 0 and modelled["modelled_gb_s"] > 0 and modelled["steady"]["functions"] == 4
+    assert results["faasmoe-private/e6"]["cost_model"] is None
+    assert [row[0] for row in section_rows(out, "Cost-aware plans") if row[1] == "contiguous"] == [shared_run]
     targets = {(t["target"], t["system"]) for t in payload["targets"]}
     assert {("avg memory vs full-shared", shared_run), ("cold - warm TTFT p99 vs wake all", shared_run)} <= targets
     assert len(payload_requests(out)) == payload["trace"]["requests"]

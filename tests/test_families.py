@@ -19,7 +19,6 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from faasmoe.cli import app
-from faasmoe.errors import CheckpointError
 from faasmoe.gateway.embedded import GatewayProcess
 from faasmoe.model.checkpoint import Checkpoint, expert_key
 from faasmoe.model.families import FAMILIES
@@ -32,7 +31,7 @@ from faasmoe.server.process import ServeProcess
 from tests.conftest import TEST_THREADS
 from tests.reference import load_reference, reference_greedy, reference_logits
 from tests.test_remote_e2e import deploy, remote_model
-from tests.test_split_exactness import prompts_for, split_logits, split_model
+from tests.test_split_exactness import check_bf16_split, check_fp32_split, prompts_for, split_model
 
 NEW_TOKENS = 16
 FP32_TOLERANCE = 1e-5
@@ -54,17 +53,7 @@ CASES = [
 
 @pytest.mark.parametrize(("model", "experts_per_function", "layers_per_function"), CASES)
 def test_fp32_logits_and_greedy_match_transformers(request, tmp_path, model, experts_per_function, layers_per_function):
-    model_dir = request.getfixturevalue(model)
-    reference = load_reference(model_dir)
-    split = split_model(model_dir, tmp_path / "plan", experts_per_function, layers_per_function)
-    prompts = prompts_for(split.vocab_size, [9, 4, 13])  # different lengths in one step; the reference pads
-
-    for ours, theirs in zip(split_logits(split, prompts), reference_logits(reference, prompts), strict=True):
-        assert ours.shape == theirs.shape
-        assert (ours - theirs).abs().max().item() <= FP32_TOLERANCE
-
-    expected = reference_greedy(reference, prompts, NEW_TOKENS)
-    assert generate(split.trunk, prompts, SamplingParams(max_new_tokens=NEW_TOKENS)) == expected
+    check_fp32_split(request.getfixturevalue(model), tmp_path / "plan", experts_per_function, layers_per_function)
 
 
 @pytest.mark.parametrize(
@@ -72,15 +61,7 @@ def test_fp32_logits_and_greedy_match_transformers(request, tmp_path, model, exp
     [("qwen3_bf16", 1), ("qwen3_bf16", 5), ("qwen3_bf16", 12), ("mixtral_bf16", 1), ("mixtral_bf16", 3)],
 )
 def test_bf16_logits_bit_identical_and_greedy_tokens_identical(request, tmp_path, model, experts_per_function):
-    model_dir = request.getfixturevalue(model)
-    reference = load_reference(model_dir)
-    split = split_model(model_dir, tmp_path / "plan", experts_per_function)
-    for prompt in prompts_for(split.vocab_size, [7, 12], seed=1):
-        (ours,) = split_logits(split, [prompt])
-        (theirs,) = reference_logits(reference, [prompt])
-        assert torch.equal(ours, theirs)
-        expected = reference_greedy(reference, [prompt], NEW_TOKENS)
-        assert generate(split.trunk, [prompt], SamplingParams(max_new_tokens=NEW_TOKENS)) == expected
+    check_bf16_split(request.getfixturevalue(model), tmp_path / "plan", experts_per_function)
 
 
 @pytest.mark.parametrize("model", ["qwen3_fp32", "mixtral_fp32"])
@@ -155,18 +136,12 @@ def test_export_of_an_architecture_it_cannot_split_names_it_and_the_supported(tm
     assert done.exit_code == 2
     assert done.stderr == (
         f"error: {dense}: architecture 'llama' (LlamaForCausalLM) is not a mixture-of-experts family faasmoe "
-        "can split; supported: qwen2_moe, qwen3_moe, mixtral\n"
+        f"can split; supported: {', '.join(FAMILIES)}\n"
     )
     assert not (tmp_path / "plan").exists()
 
 
-def test_sliding_window_attention_is_refused_not_ignored(mixtral_fp32, tmp_path: Path):
-    windowed = tmp_path / "windowed"
-    windowed.mkdir()
-    config = json.loads((mixtral_fp32 / "config.json").read_text())
-    (windowed / "config.json").write_text(json.dumps(dict(config, sliding_window=4096)))
-    with pytest.raises(CheckpointError, match="sliding-window attention .* is not supported"):
-        Checkpoint.open(windowed)
+# Sliding-window attention (mixtral's, qwen2_moe's, gpt_oss's) is served: tests/test_family_gpt_oss.py.
 
 
 @contextmanager

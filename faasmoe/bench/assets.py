@@ -12,6 +12,9 @@ from pathlib import Path
 
 from faasmoe.bench.settings import BenchSettings
 from faasmoe.errors import FaasmoeError
+from faasmoe.model.checkpoint import Checkpoint
+from faasmoe.planning.grouping import Grouping
+from faasmoe.planning.plan import ModelShape
 
 SUMMARY_KEYS = (
     "hidden_size",
@@ -19,6 +22,7 @@ SUMMARY_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
     "num_experts",
+    "n_routed_experts",
     "num_experts_per_tok",
     "moe_intermediate_size",
     "shared_expert_intermediate_size",
@@ -29,10 +33,11 @@ SUMMARY_KEYS = (
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the benchmark needs to know of the checkpoint (read from config.json, without torch)."""
+    """What the benchmark needs to know of the checkpoint: config.json, and the shape its family reads from it."""
 
     path: Path
     config: dict
+    shape: ModelShape  # experts and MoE layers by the family's own fields (faasmoe/model/families.py)
 
     @property
     def vocab_size(self) -> int:
@@ -40,19 +45,15 @@ class ModelInfo:
 
     @property
     def num_experts(self) -> int:
-        return int(self.config["num_experts"])
+        return self.shape.num_experts
 
     @property
     def num_layers(self) -> int:
-        return int(self.config["num_hidden_layers"])
+        return self.shape.num_hidden_layers
 
     @property
     def moe_layers(self) -> list[int]:
-        """The layers with routed experts, as Qwen2-MoE picks them (every ``decoder_sparse_step``-th, less
-        ``mlp_only_layers``)."""
-        step = int(self.config.get("decoder_sparse_step", 1) or 1)
-        dense = set(self.config.get("mlp_only_layers") or [])
-        return [i for i in range(self.num_layers) if (i + 1) % step == 0 and i not in dense]
+        return self.shape.moe_layers
 
     def summary(self) -> dict[str, object]:
         return {k: self.config[k] for k in SUMMARY_KEYS if k in self.config}
@@ -63,19 +64,31 @@ class Assets:
     model: ModelInfo
     plans_dir: Path
     log: Path
+    profile: Path | None = None  # the routing profile popularity plans are grouped by (faasmoe/bench/profiling.py)
 
-    def plan(self, experts_per_function: int, layers_per_function: int) -> Path:
-        """The plan directory for this granularity, exported on first use."""
-        path = self.plans_dir / f"e{experts_per_function}-l{layers_per_function}"
+    def plan(
+        self, experts_per_function: int, layers_per_function: int, grouping: Grouping = Grouping.CONTIGUOUS
+    ) -> Path:
+        """The plan directory for this granularity and grouping, exported on first use."""
+        name = f"e{experts_per_function}-l{layers_per_function}"
+        command = ["--experts-per-function", str(experts_per_function),
+                   "--layers-per-function", str(layers_per_function)]  # fmt: skip
+        if grouping is Grouping.POPULARITY:
+            if self.profile is None:
+                raise FaasmoeError("a popularity plan needs the routing profile, recorded before the plans")
+            # One directory per profile: a plan is only as good as the profile it was grouped by.
+            name = f"popularity-{self.profile.stem}-{name}"
+            command += ["--grouping", grouping.value, "--routing-profile", str(self.profile)]
+        path = self.plans_dir / name
         if not (path / "plan.json").is_file():
-            _cli(["export", str(self.model.path), str(path), "--experts-per-function", str(experts_per_function),
-                  "--layers-per-function", str(layers_per_function)], self.log)  # fmt: skip
+            _cli(["export", str(self.model.path), str(path), *command], self.log)
         return path
 
-    def weights_bytes(self, experts_per_function: int, layers_per_function: int) -> int:
-        return sum(
-            f.stat().st_size for f in self.plan(experts_per_function, layers_per_function).rglob("*.safetensors")
-        )
+    def weights_bytes(
+        self, experts_per_function: int, layers_per_function: int, grouping: Grouping = Grouping.CONTIGUOUS
+    ) -> int:
+        plan = self.plan(experts_per_function, layers_per_function, grouping)
+        return sum(f.stat().st_size for f in plan.rglob("*.safetensors"))
 
 
 def prepare_model(settings: BenchSettings, log: Path) -> Assets:
@@ -95,7 +108,8 @@ def prepare_model(settings: BenchSettings, log: Path) -> Assets:
         raise FaasmoeError(f"{path} is not a checkpoint directory: config.json is missing")
     # Plans belong to one checkpoint: keyed by its resolved path.
     plans = settings.work_dir / "plans" / f"{path.name}-{_digest(str(path.resolve()))}"
-    return Assets(ModelInfo(path, json.loads(config_file.read_text())), plans, log)
+    model = ModelInfo(path, json.loads(config_file.read_text()), ModelShape.of(Checkpoint.open(path)))
+    return Assets(model, plans, log)
 
 
 def _digest(text: str) -> str:

@@ -24,6 +24,9 @@ def bench_command(
     systems: Annotated[str | None, Opt(help="comma list (default every system)")] = None,
     experts_per_function: Annotated[str | None, Opt(help="faasmoe-* sweep, comma list (default 20)")] = None,
     layers_per_function: Annotated[int | None, Opt(help="MoE layers per function (default 1)")] = None,
+    grouping: Annotated[
+        str | None, Opt(help="faasmoe-shared's plan groupings, comma list: contiguous, popularity (default contiguous)")
+    ] = None,
     idle_timeout: Annotated[float | None, Opt(help="function idle seconds before scale to zero (default 15)")] = None,
     elasticity: Annotated[str | None, Opt(help=ELASTICITY_HELP)] = None,
     full_per_tenant: Annotated[
@@ -51,6 +54,9 @@ def bench_command(
     trace: Annotated[Path | None, Opt(help="replay a JSON-lines trace")] = None,
     sample_interval: Annotated[float | None, Opt(help="seconds between OS samples (default 0.5)")] = None,
     price_per_gb_s: Annotated[float | None, Opt(help="$ per GB-s (default AWS Lambda's 0.0000166667)")] = None,
+    base_memory_mib: Annotated[
+        int | None, Opt(help="cost model: a replica's memory besides its weights, MiB (default: measured)")
+    ] = None,
     threads: Annotated[int | None, Opt(help="torch threads of every server (default torch's)")] = None,
     function_threads: Annotated[int | None, Opt(help="torch threads per function (default cores/fan-out)")] = None,
     function_spawn: Annotated[str | None, Opt(help="fork (default) or exec function replicas")] = None,

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 from faasmoe.bench.breakdown import scrape, step_figures
+from faasmoe.bench.cost_model import base_memory_mib, cost_model_figures
 from faasmoe.bench.elasticity import elasticity_figures
 from faasmoe.bench.loadgen import LoadGenerator, RequestResult
 from faasmoe.bench.metrics import (
@@ -26,6 +27,8 @@ from faasmoe.bench.settings import BenchSettings, SystemKind
 from faasmoe.bench.systems import REAPER_FRACTION, RunningSystem
 from faasmoe.bench.wake import wake_all
 from faasmoe.bench.workload import Trace
+from faasmoe.elastic.routing_profile import RoutingProfile
+from faasmoe.planning.plan import Plan
 
 GB = 1e9
 # The trace starts a moment after the samplers, so the first sample shows the system at rest.
@@ -37,7 +40,9 @@ def measure(
     trace: Trace,
     settings: BenchSettings,
     on_request: Callable[[RequestResult], None] | None = None,
+    profile: RoutingProfile | None = None,
 ) -> SystemResult:
+    """With ``profile``, a faasmoe-shared run is also priced by the cost model (faasmoe/bench/cost_model.py)."""
     spec = system.spec
     wake = None
     if spec.kind is SystemKind.FAASMOE_SHARED and system.gateway_url is not None:
@@ -66,6 +71,11 @@ def measure(
         elasticity = elasticity_figures(spec.elasticity, results, after.plus(before, sign=-1.0),
                                         sampler.function_starts, memory.function_pss_gb_s, idle_s,
                                         settings.sample_interval, wake)  # fmt: skip
+    modelled, base = None, base_memory_mib(settings, wake)
+    if spec.kind is SystemKind.FAASMOE_SHARED and elasticity is not None and profile is not None and base is not None:
+        measured = (memory.function_pss_gb_s, len(sampler.function_starts), elasticity.prewarms.invocations)
+        modelled = cost_model_figures(Plan.load(system.plan_dir), profile, settings, base, trace, results,
+                                      (samples[0].t, samples[-1].t), measured)  # fmt: skip
     return SystemResult(
         system=spec.label,
         kind=spec.kind.value,
@@ -81,6 +91,8 @@ def measure(
         steps=steps,
         saturation=saturated,
         elasticity=elasticity,
+        grouping=spec.grouping.value if spec.kind.sweeps_granularity else None,
+        cost_model=modelled,
         memory_series=[(round(s.t, 3), round(s.total("pss") / GB, 4)) for s in samples],
         replica_series=[(round(s.t, 3), s.total("processes", "function")) for s in samples],
     )

@@ -11,6 +11,7 @@ from faasmoe.bench.sampler import ROLES, Sample
 
 if TYPE_CHECKING:  # they build on this module's Percentiles
     from faasmoe.bench.breakdown import StepFigures
+    from faasmoe.bench.cost_model import CostModelFigures
     from faasmoe.bench.elasticity import ElasticityFigures
     from faasmoe.bench.saturation import SaturationFigures
 
@@ -111,6 +112,8 @@ class SystemResult:
     weights_gb: float = 0.0  # weight bytes the system holds with everything resident (a model per copy)
     elasticity: ElasticityFigures | None = None  # systems whose functions scale to zero
     extrapolated: Extrapolation | None = None  # None: every process measured
+    grouping: str | None = None  # how the plan's functions group experts (systems whose functions scale to zero)
+    cost_model: CostModelFigures | None = None  # the cost model's view of a faasmoe-shared run
     # Time series: (t, total PSS GB) and (t, function processes alive).
     memory_series: list[tuple[float, float]] = field(default_factory=list)
     replica_series: list[tuple[float, int]] = field(default_factory=list)

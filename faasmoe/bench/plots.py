@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from faasmoe.bench.metrics import SystemResult  # noqa: E402
 from faasmoe.bench.settings import SystemKind  # noqa: E402
+from faasmoe.planning.grouping import Grouping  # noqa: E402
 
 # One colour per system kind, the same on both charts.
 COLORS = {
@@ -109,8 +110,12 @@ def _sweep_lines(results: list[SystemResult]) -> dict[tuple[str, str | None], li
 
 
 def _mode(result: SystemResult) -> str | None:
+    """A line's elasticity mode, and its grouping when not contiguous (a popularity plan is a line of its own)."""
     e = result.elasticity
-    return None if e is None or e.prewarm is None else f"{e.prewarm}+{e.keep_alive}"
+    mode = None if e is None or e.prewarm is None else f"{e.prewarm}+{e.keep_alive}"
+    if result.grouping in (None, Grouping.CONTIGUOUS.value):
+        return mode
+    return result.grouping if mode is None else f"{mode} {result.grouping}"
 
 
 def plot_breakdown(results: list[SystemResult], path: Path) -> None:

@@ -6,10 +6,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from faasmoe.bench.breakdown import StepFigures
+from faasmoe.bench.cost_model import CostModelFigures
 from faasmoe.bench.elasticity import TARGET_COLD_PENALTY_VS_WAKE, ElasticityFigures
 from faasmoe.bench.metrics import Percentiles, SystemResult
+from faasmoe.bench.profiling import ProfileSource
 from faasmoe.bench.settings import SystemKind
+from faasmoe.planning.cost import cheapest
+from faasmoe.planning.grouping import Grouping
 
 # The FaaSMoE paper (Qwen1.5-MoE-A2.7B, 6 tenants, CPU-only): average total memory (GB) and CPU (%).
 PAPER = {
@@ -26,6 +32,10 @@ TARGET_TPOT_VS_FULL_SHARED = 1.25
 TARGET_SATURATION_VS_FULL_SHARED = 0.85  # at least
 TARGET_CPU_PER_TOKEN_VS_FULL_SHARED = 1.10
 TARGET_CALL_OVERHEAD_P50_MS = 0.3
+TARGET_COST_MODEL_ERROR = 0.25  # abs(modelled / measured - 1) of function GB-s
+TARGET_POPULARITY_GB_S = 0.8  # popularity / contiguous function GB-s, same functions
+TARGET_POPULARITY_COLD_STARTS = 0.0  # popularity - contiguous cold starts per request: no more
+TARGET_AUTO_RANK = 3  # auto's pick among the cheapest measured
 JSON_FILE = "bench.json"
 MARKDOWN_FILE = "bench.md"
 
@@ -90,6 +100,25 @@ KEEP_ALIVE_NOTE = (
     "past their keep-alive (adaptive; fixed leaves it to the gateway's idle timeout). Adaptive is a Pareto "
     "improvement over fixed (same granularity and prewarm) with no more of either and less of one."
 )
+COST_NOTE = (
+    "Per faasmoe-shared run, the deployment cost model (faasmoe/planning/cost.py, docs/deployment-cost.md) "
+    "against the run. Function GB-s: the replicas' PSS integral over the window; cold starts / request: replica "
+    "starts in the window per request sent. Modelled GB-s: the model given what the run had. The routing profile "
+    "above. The keep-alive K: the zero-duration label (--idle-timeout) plus half a gateway reaper period, the mean "
+    "wait before the reaper sees a function idle. A function's memory: its shard + base MiB (--base-memory-mib, "
+    "else a replica's PSS when every function was woken before the trace, before any invocation touched its "
+    "weights; replicas forked from the gateway's runtime share it, far below a container's 384 MiB request). The "
+    "load: at every sample time the model is asked at the rate of the tokens routed in the last K seconds (its "
+    "warm share, 1 - exp(-lambda K), is the chance of an invocation in the last K seconds whatever the load did "
+    "before) and its GB-s per second are summed over the window. Fn replicas: measured function processes and "
+    "modelled warm functions, time-averaged. The model counts neither adaptive keep-alive stopping functions "
+    "before K nor prewarming waking functions that no step invokes. Measured $: function GB-s, replica starts and "
+    "invocations at the model's prices (a cold start at cost.py's default: the whole plan's experts held for the "
+    "model's cold-start seconds). Modelled $/h at mean load: the model at the trace's routed tokens over its "
+    "duration, as `faasmoe export --experts-per-function auto --tokens-per-second R` prices a candidate; auto's "
+    "pick is its argmin (cost.py's cheapest) over the plans measured with one elasticity mode. A popularity plan "
+    "has its contiguous pair's experts per function: the same function count."
+)
 
 
 @dataclass(frozen=True)
@@ -119,12 +148,13 @@ class BenchReport:
     results: list[SystemResult]
     failures: list[SystemFailure] = field(default_factory=list)
     targets: list[TargetCheck] = field(default_factory=list)
+    profile: ProfileSource | None = None  # the routing profile of the cost model and the popularity plans
 
     def to_json(self) -> str:
         payload = asdict(self)
         payload["paper"] = PAPER
         payload["memory_accounting"] = MEMORY_ACCOUNTING
-        return json.dumps(payload, indent=2, default=str) + "\n"
+        return json.dumps(payload, indent=2, default=_jsonable) + "\n"
 
     def to_markdown(self) -> str:
         lines = [
@@ -151,6 +181,7 @@ class BenchReport:
             BREAKDOWN_NOTE,
             "",
             *elasticity_sections(self.results),
+            *cost_sections(self.results, self.profile),
         ]
         if self.targets:
             lines += ["## Targets", "", *targets_table(self.targets), ""]
@@ -195,7 +226,7 @@ def evaluate_targets(results: list[SystemResult]) -> list[TargetCheck]:
                 _check("saturation tok/s vs full-shared (>=)", run.system, throughput, minimum, at_least=True),
                 _check("saturation CPU-s/token vs full-shared", run.system, per_token, cpu_limit),
             ]
-    return checks
+    return checks + cost_targets(results)
 
 
 def markdown_table(results: list[SystemResult], failures: list[SystemFailure]) -> list[str]:
@@ -348,6 +379,158 @@ def _pair_key(result: SystemResult) -> tuple[str, int | None, int | None, str | 
     return result.kind, result.experts_per_function, result.layers_per_function, _elastic(result).prewarm
 
 
+@dataclass(frozen=True)
+class AutoPick:
+    """`auto`'s pick among the faasmoe-shared plans measured with one elasticity mode, ranked by what they cost."""
+
+    mode: str
+    candidates: int
+    pick: SystemResult
+    rank: int  # by measured $, 1 the cheapest
+    cheapest: SystemResult  # measured
+
+
+def cost_sections(results: list[SystemResult], profile: ProfileSource | None) -> list[str]:
+    """The cost model against each faasmoe-shared run, popularity against contiguous plans, and auto's pick."""
+    runs = [r for r in results if r.cost_model is not None]
+    if not runs:
+        return []
+    lines = ["## Cost-aware plans", ""]
+    if profile is not None:
+        lines += [f"Routing profile: {profile.trace}; {profile.requests} requests, {profile.routed_tokens} routed "
+                  f"tokens (`{profile.file}`).", ""]  # fmt: skip
+    lines += [*cost_table(runs), ""]
+    if pairs := popularity_pairs(runs):
+        lines += [*pairs_table(pairs), ""]
+    if picks := auto_picks(runs):
+        lines += [*auto_table(picks), ""]
+    return [*lines, COST_NOTE, ""]
+
+
+def cost_table(runs: list[SystemResult]) -> list[str]:
+    lines = [
+        "| system | grouping | functions | function GB-s | cold starts / request | base MiB | modelled GB-s "
+        "| modelled / measured | fn replicas measured / modelled | measured $ | modelled $/h at mean load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        c, measured = _modelled(r), _elastic(r).keep_alive_cost.function_gb_s
+        lines.append(
+            f"| {r.system} | {r.grouping} | {r.functions.deployed} | {measured:.1f} | {_opt(_cold_per_request(r), 2)} "
+            f"| {c.base_memory_mib} | {c.modelled_gb_s:.1f} | {_opt(_ratio(c.modelled_gb_s, measured), 2)} "
+            f"| {_opt(r.functions.avg_replicas, 1)} / {c.modelled_replicas:.1f} | {c.measured_usd:.5f} "
+            f"| {c.steady.cost_per_hour:.4f} |"
+        )
+    return lines
+
+
+def pairs_table(pairs: list[tuple[SystemResult, SystemResult]]) -> list[str]:
+    lines = [
+        "| popularity | contiguous | functions | function GB-s popularity / contiguous "
+        "| cold starts / request popularity - contiguous | modelled GB-s popularity / contiguous |",
+        "|---|---|---|---|---|---|",
+    ]
+    for popular, contiguous in pairs:
+        modelled = _ratio(_modelled(popular).modelled_gb_s, _modelled(contiguous).modelled_gb_s)
+        lines.append(
+            f"| {popular.system} | {contiguous.system} | {popular.functions.deployed} "
+            f"| {_opt(_gb_s_ratio(popular, contiguous), 3)} | {_opt(_cold_difference(popular, contiguous), 2)} "
+            f"| {_opt(modelled, 3)} |"
+        )
+    return lines
+
+
+def auto_table(picks: list[AutoPick]) -> list[str]:
+    lines = [
+        "| elasticity | plans measured | auto's pick | its modelled $/h | its rank by measured $ | cheapest measured |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in picks:
+        lines.append(
+            f"| {p.mode} | {p.candidates} | {p.pick.system} | {_modelled(p.pick).steady.cost_per_hour:.4f} "
+            f"| {p.rank} | {p.cheapest.system} |"
+        )
+    return lines
+
+
+def cost_targets(results: list[SystemResult]) -> list[TargetCheck]:
+    """The cost model's error per run, popularity against contiguous per pair, and auto's pick per mode."""
+    runs = [r for r in results if r.cost_model is not None]
+    checks = []
+    for r in runs:
+        ratio = _ratio(_modelled(r).modelled_gb_s, _elastic(r).keep_alive_cost.function_gb_s)
+        error = None if ratio is None else abs(ratio - 1)
+        checks.append(_check("cost model error: abs(modelled / measured - 1), function GB-s", r.system, error,
+                             TARGET_COST_MODEL_ERROR))  # fmt: skip
+    for popular, contiguous in popularity_pairs(runs):
+        checks += [
+            _check("function GB-s popularity / contiguous", popular.system, _gb_s_ratio(popular, contiguous),
+                   TARGET_POPULARITY_GB_S),
+            _check("cold starts / request popularity - contiguous", popular.system,
+                   _cold_difference(popular, contiguous), TARGET_POPULARITY_COLD_STARTS),
+        ]  # fmt: skip
+    for p in auto_picks(runs):
+        target = f"auto's pick: rank by measured $ of {p.candidates} plans ({p.mode})"
+        checks.append(_check(target, p.pick.system, p.rank, TARGET_AUTO_RANK))
+    return checks
+
+
+def popularity_pairs(runs: list[SystemResult]) -> list[tuple[SystemResult, SystemResult]]:
+    """Each popularity run with the contiguous run of the same experts and layers per function and elasticity."""
+    contiguous = {_plan_key(r): r for r in runs if r.grouping == Grouping.CONTIGUOUS.value}
+    return [
+        (r, contiguous[_plan_key(r)])
+        for r in runs
+        if r.grouping == Grouping.POPULARITY.value and _plan_key(r) in contiguous
+    ]
+
+
+def auto_picks(runs: list[SystemResult]) -> list[AutoPick]:
+    """Per elasticity mode with several granularities measured: cost.py's argmin at the trace's mean load, and
+    its rank among the same plans by measured $."""
+    by_mode: dict[str, list[SystemResult]] = {}
+    for r in runs:
+        by_mode.setdefault(_mode(r), []).append(r)
+    picks = []
+    for mode, group in by_mode.items():
+        if len({r.experts_per_function for r in group}) < 2:
+            continue  # no granularity to choose: the groupings are compared pairwise
+        chosen = cheapest([_modelled(r).steady for r in group])
+        pick = next(r for r in group if _modelled(r).steady is chosen)
+        measured = sorted(group, key=lambda r: _modelled(r).measured_usd)
+        picks.append(AutoPick(mode, len(group), pick, measured.index(pick) + 1, measured[0]))
+    return picks
+
+
+def _modelled(result: SystemResult) -> CostModelFigures:
+    assert result.cost_model is not None
+    return result.cost_model
+
+
+def _mode(result: SystemResult) -> str:
+    e = _elastic(result)
+    return f"{e.prewarm}+{e.keep_alive}"
+
+
+def _plan_key(result: SystemResult) -> tuple[str, int | None, int | None, str]:
+    """What a popularity run is compared on: the system kind, experts and layers per function and elasticity."""
+    return result.kind, result.experts_per_function, result.layers_per_function, _mode(result)
+
+
+def _cold_per_request(result: SystemResult) -> float | None:
+    sent = result.requests.requests
+    return result.functions.cold_starts / sent if sent else None
+
+
+def _gb_s_ratio(run: SystemResult, baseline: SystemResult) -> float | None:
+    return _ratio(_elastic(run).keep_alive_cost.function_gb_s, _elastic(baseline).keep_alive_cost.function_gb_s)
+
+
+def _cold_difference(run: SystemResult, baseline: SystemResult) -> float | None:
+    cold, base = _cold_per_request(run), _cold_per_request(baseline)
+    return None if cold is None or base is None else cold - base
+
+
 def breakdown_table(results: list[SystemResult]) -> list[str]:
     """Where each system's decode steps went: one row for the trace, one for the saturation run."""
     header = (
@@ -436,7 +619,15 @@ def _model_line(model: dict) -> str:
     config = model.get("config", {})
     fields = ", ".join(f"{k}={v}" for k, v in config.items())
     layers = f"{model['moe_layers']} MoE layers; " if "moe_layers" in model else ""
+    skew = model.get("router_skew")
+    if skew is not None:
+        layers = f"router skew {skew:g} ({'Zipf' if skew > 0 else 'none'}); " + layers
     return f"{model.get('preset') or 'checkpoint'} ({layers}{fields})"
+
+
+def _jsonable(value: object) -> object:
+    """What asdict leaves for bench.json to encode: pydantic models (the cost model's estimates), else text."""
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else str(value)
 
 
 def _trace_line(trace: dict) -> str:

@@ -18,11 +18,13 @@ from faasmoe.bench.loadgen import RequestResult
 from faasmoe.bench.measure import measure
 from faasmoe.bench.metrics import GB, SystemResult, extrapolated
 from faasmoe.bench.plots import write_plots
+from faasmoe.bench.profiling import record_profile
 from faasmoe.bench.report import (
     MARKDOWN_FILE,
     BenchReport,
     SystemFailure,
     breakdown_table,
+    cost_sections,
     elasticity_sections,
     evaluate_targets,
     markdown_table,
@@ -32,7 +34,9 @@ from faasmoe.bench.report import write_report as write_report_files
 from faasmoe.bench.settings import BenchSettings, SystemKind
 from faasmoe.bench.systems import SystemSpec, launched, system_specs
 from faasmoe.bench.workload import Trace, generate_trace, load_trace
+from faasmoe.elastic.routing_profile import RoutingProfile
 from faasmoe.errors import FaasmoeError
+from faasmoe.planning.profile import read_profile
 
 TRACE_FILE = "trace.jsonl"
 # What a system may need beyond its weights, to refuse runs that would exhaust memory: a server process
@@ -66,8 +70,14 @@ def run_bench(settings: BenchSettings) -> Path:
         trace = load_trace(settings.trace, settings.seed, assets.model.vocab_size) if settings.trace else None
         trace = trace or generate_trace(settings, assets.model.vocab_size)
         specs = system_specs(settings, assets.model.num_experts, assets.model.num_layers)
+        profile = source = None
+        if any(spec.kind is SystemKind.FAASMOE_SHARED for spec in specs):  # popularity plans and the cost model
+            progress.update(step, description="recording the tenants' routing profile")
+            assets, source = record_profile(assets, specs, trace, settings, run_dir / "profile")
+            profile = read_profile(assets.profile, assets.model.shape)
+            progress.update(step, description="preparing the plans")
         for spec in specs:  # every plan up front, so that exporting never counts as a system's start-up
-            assets.plan(spec.experts_per_function, spec.layers_per_function)
+            assets.plan(spec.experts_per_function, spec.layers_per_function, spec.grouping)
         progress.update(step, description="systems", total=len(specs), completed=0)
         for spec in specs:
             task = progress.add_task(f"  {spec.label}", total=None)
@@ -76,7 +86,8 @@ def run_bench(settings: BenchSettings) -> Path:
                 served = trace if tenants == trace.tenants else trace.only(tenants[0])
                 progress.update(task, total=len(served.requests))
                 log_dir = run_dir / spec.label.replace("/", "-")
-                result = _run(spec, assets, trace, served, settings, log_dir, lambda _, t=task: progress.advance(t))
+                result = _run(spec, assets, trace, served, settings, log_dir,
+                              lambda _, t=task: progress.advance(t), profile)  # fmt: skip
                 results.append(result)
             except (FaasmoeError, httpx.HTTPError, OSError) as exc:
                 failures.append(SystemFailure(spec.label, str(exc)))
@@ -90,6 +101,7 @@ def run_bench(settings: BenchSettings) -> Path:
         settings=settings.model_dump(mode="json"),
         model={
             "preset": None if settings.model_dir else settings.preset,
+            "router_skew": None if settings.model_dir else settings.router_skew,
             "moe_layers": len(assets.model.moe_layers),
             "config": assets.model.summary(),
         },
@@ -105,6 +117,7 @@ def run_bench(settings: BenchSettings) -> Path:
         results=results,
         failures=failures,
         targets=evaluate_targets(results),
+        profile=source,
     )
     out = settings.out
     write_report_files(report, out)
@@ -112,7 +125,7 @@ def run_bench(settings: BenchSettings) -> Path:
     trace.save(out / TRACE_FILE)
     # The table goes to stdout as Markdown text, ready to paste; progress and notes go to stderr.
     tables = [*markdown_table(results, failures), "", *memory_table(results), "", *breakdown_table(results)]
-    print("\n".join([*tables, "", *elasticity_sections(results)]))
+    print("\n".join([*tables, "", *elasticity_sections(results), *cost_sections(results, source)]))
     console.print(f"wrote {out / MARKDOWN_FILE} (logs in {run_dir})")
     return out
 
@@ -125,12 +138,14 @@ def _run(
     settings: BenchSettings,
     log_dir: Path,
     on_request: Callable[[RequestResult], None],
+    profile: RoutingProfile | None,
 ) -> SystemResult:
     """One system on ``served`` (the trace, or one tenant's share of it for a copy of full-per-tenant)."""
     with launched(spec, assets, served.tenants, settings, log_dir) as system:
-        result = measure(system, served, settings, on_request)
+        result = measure(system, served, settings, on_request, profile)
     copies = len(served.tenants) if spec.kind is SystemKind.FULL_PER_TENANT else 1
-    result.weights_gb = copies * assets.weights_bytes(spec.experts_per_function, spec.layers_per_function) / GB
+    weights = assets.weights_bytes(spec.experts_per_function, spec.layers_per_function, spec.grouping)
+    result.weights_gb = copies * weights / GB
     if served is not trace:  # one copy of N: its figures as N copies would show them
         result = extrapolated(result, len(trace.tenants), served.tenants[0])
     return result
@@ -151,7 +166,7 @@ def _tenants_that_fit(spec: SystemSpec, assets: Assets, tenants: list[str], full
     elif spec.kind is SystemKind.FULL_SHARED:
         needed = weights + SERVER_OVERHEAD_BYTES
     else:
-        plan = assets.plan(spec.experts_per_function, spec.layers_per_function)
+        plan = assets.plan(spec.experts_per_function, spec.layers_per_function, spec.grouping)
         functions = len(list((plan / "functions").glob("*.safetensors")))
         needed = weights + SERVER_OVERHEAD_BYTES + functions * FUNCTION_OVERHEAD_BYTES
     if needed > available:

@@ -13,6 +13,7 @@ from faasmoe.bench.distributions import LengthDistribution
 from faasmoe.elastic.keep_alive import KeepAliveMode
 from faasmoe.elastic.prewarm import PrewarmMode
 from faasmoe.gateway.embedded.config import FunctionSpawn
+from faasmoe.planning.grouping import Grouping
 
 # AWS Lambda's public on-demand price (x86, us-east-1, first tier), per GB-second of configured memory.
 AWS_LAMBDA_PRICE_PER_GB_S = 0.0000166667
@@ -96,6 +97,11 @@ class BenchSettings(BaseModel):
         default_factory=lambda: [20], min_length=1, description="granularity sweep of faasmoe-*"
     )
     layers_per_function: int = Field(default=1, ge=1, description="consecutive MoE layers per function")
+    # faasmoe-shared runs once per grouping too; popularity plans are exported from a routing profile recorded
+    # by a profiling pass over a trace of the same tenants (faasmoe/bench/profiling.py).
+    grouping: list[Grouping] = Field(
+        default_factory=lambda: [Grouping.CONTIGUOUS], min_length=1, description="faasmoe-shared's plan groupings"
+    )
     # The functions' zero-duration label (the fixed keep-alive, adaptive's upper bound) and the gateway's idle
     # timeout: above a step that waits for 6 layers' cold starts one after another (--prewarm off) and above
     # waking every function at once, or the gateway stops replicas before the forward pass comes back to them.
@@ -140,6 +146,10 @@ class BenchSettings(BaseModel):
     # --- measurement ----------------------------------------------------------------------------
     sample_interval: float = Field(default=0.5, gt=0, description="OS memory/CPU sampling period")
     price_per_gb_s: float = Field(default=AWS_LAMBDA_PRICE_PER_GB_S, ge=0)
+    # The cost model's replica memory besides its shard (faasmoe/bench/cost_model.py). None: a replica's PSS
+    # measured at the wake of every function before the trace, when no invocation has touched its weights yet:
+    # replicas forked from the gateway's runtime share it, far below the 384 MiB a container requests.
+    base_memory_mib: int | None = Field(default=None, ge=0, description="cost model: replica memory besides weights")
     threads: int | None = Field(default=None, ge=1, description="torch threads of every server (None: torch's)")
     # Function replicas share the machine's cores with each other and the control plane; None gives each
     # the cores divided among the functions one MoE layer calls at once (at least 1).
@@ -173,7 +183,7 @@ class BenchSettings(BaseModel):
     def _parse_length(cls, value: object) -> object:
         return LengthDistribution.parse(value) if isinstance(value, str) else value
 
-    @field_validator("systems", "experts_per_function", mode="before")
+    @field_validator("systems", "experts_per_function", "grouping", mode="before")
     @classmethod
     def _parse_comma_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -189,9 +199,9 @@ class BenchSettings(BaseModel):
             return [Elasticity.parse(v) if isinstance(v, str) else v for v in values]
         return values
 
-    @field_validator("elasticity")
+    @field_validator("elasticity", "grouping")
     @classmethod
-    def _distinct_modes(cls, values: list[Elasticity]) -> list[Elasticity]:
+    def _distinct(cls, values: list) -> list:
         return list(dict.fromkeys(values))
 
     def resolved(self) -> BenchSettings:

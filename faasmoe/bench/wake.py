@@ -5,7 +5,8 @@ and the request should pay about what waking them all together costs: every func
 at once (`POST /system/scale-function/{name}`), until each has been ready. Measured on the system's own
 gateway before its trace, with nothing else running (the control plane has no request and has invoked no
 function yet, so neither its prewarmer nor its idler acts); every function is back at zero, its replica
-processes gone, before the trace starts.
+processes gone, before the trace starts. When they are all ready their PSS is read too: what a replica holds
+before any invocation has touched its weights, the cost model's base memory (faasmoe/bench/cost_model.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -20,6 +22,7 @@ import psutil
 from faasmoe.bench.sampler import ProcessRoot, processes
 from faasmoe.errors import FaasmoeError
 from faasmoe.gateway.client import GatewayClient, GatewaySettings
+from faasmoe.memory import resident_memory
 
 POLL_S = 0.02
 
@@ -34,10 +37,14 @@ class WakeFigures:
     runs_s: list[float]  # each wake: from the scale calls until every function had been ready
     median_s: float | None  # of the runs (None: none completed)
     error: str | None = None  # why a wake did not complete (the runs before it stand)
+    replica_pss_mib: float | None = None  # a replica's PSS with every function ready, median of the runs
 
     @classmethod
-    def of(cls, functions: int, runs_s: list[float], error: str | None = None) -> WakeFigures:
-        return cls(functions, runs_s, statistics.median(runs_s) if runs_s else None, error)
+    def of(
+        cls, functions: int, runs_s: list[float], error: str | None = None, pss_mib: Sequence[float] = ()
+    ) -> WakeFigures:
+        median = statistics.median(runs_s) if runs_s else None
+        return cls(functions, runs_s, median, error, statistics.median(pss_mib) if pss_mib else None)
 
 
 def wake_all(
@@ -50,6 +57,7 @@ def wake_all(
 
     async def run() -> WakeFigures:
         runs: list[float] = []
+        pss: list[float] = []
         async with GatewayClient(GatewaySettings(base_url=gateway_url, trust_env=False)) as client:
             await _to_zero(client, names, roots, timeout_s)
             for _ in range(repeats):
@@ -57,9 +65,10 @@ def wake_all(
                     runs.append(await _wake(client, names, timeout_s))
                 except WakeFailed as exc:
                     await _to_zero(client, names, roots, timeout_s)
-                    return WakeFigures.of(len(names), runs, str(exc))
+                    return WakeFigures.of(len(names), runs, str(exc), pss)
+                pss += _replica_pss_mib(roots)
                 await _to_zero(client, names, roots, timeout_s)
-        return WakeFigures.of(len(names), runs)
+        return WakeFigures.of(len(names), runs, pss_mib=pss)
 
     return asyncio.run(run())
 
@@ -96,6 +105,18 @@ async def _to_zero(client: GatewayClient, names: list[str], roots: list[ProcessR
         if time.monotonic() > deadline:
             raise FaasmoeError(f"function replicas still running {timeout_s:g} s after scaling to zero")
         await asyncio.sleep(POLL_S)
+
+
+def _replica_pss_mib(roots: list[ProcessRoot]) -> list[float]:
+    """The mean PSS of the function replicas now, in MiB (none if no replica could be read)."""
+    sizes = []
+    for pid, role in processes(roots):
+        try:
+            if role == "function":
+                sizes.append(resident_memory(pid).pss / 2**20)
+        except (psutil.Error, OSError):  # exited between the walk and the read
+            continue
+    return [sum(sizes) / len(sizes)] if sizes else []
 
 
 def _replicas_alive(roots: list[ProcessRoot]) -> bool:

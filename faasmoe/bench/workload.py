@@ -52,6 +52,11 @@ class Trace:
     def output_tokens(self) -> int:
         return sum(r.max_tokens for r in self.requests)
 
+    @property
+    def routed_tokens(self) -> int:
+        """Tokens the routers read: every prompt token, and every output token but the last (never read back)."""
+        return sum(len(r.prompt_ids) + r.max_tokens - 1 for r in self.requests)
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(r.to_json() + "\n" for r in self.requests))
@@ -62,15 +67,17 @@ class Trace:
         return Trace(mine, [tenant], self.duration_s, self.source, self.params)
 
 
-def generate_trace(settings: BenchSettings, vocab_size: int) -> Trace:
+def generate_trace(settings: BenchSettings, vocab_size: int, domain_seed: int | None = None) -> Trace:
     """Every tenant alternates ``burst_s`` active (Poisson arrivals at ``rate``) and ``idle_s`` idle.
 
     Idle gaps longer than the functions' idle timeout are where scale to zero saves memory and where the
     next request meets cold functions; with ``stagger`` 0 the tenants are active together (a shared daily
     peak, and the whole system idle between), with 1 their bursts are spread evenly over the cycle.
+    ``domain_seed`` (default: the seed) draws the tenants' domains: the same tenants with other requests.
     """
     names = [f"tenant-{i}" for i in range(settings.tenants)]
-    domains = tenant_domains(names, settings.domain_size, settings.seed, vocab_size)
+    domain_seed = settings.seed if domain_seed is None else domain_seed
+    domains = tenant_domains(names, settings.domain_size, domain_seed, vocab_size)
     requests: list[TraceRequest] = []
     for index, tenant in enumerate(names):
         rng = random.Random(f"{settings.seed}:arrivals:{tenant}")

@@ -8,6 +8,15 @@ failure means, scales from zero and names a replica again. An address unused for
 so a replica stopped on scale to zero (idle for longer than that) is never called at its old address,
 which another process may hold by then. The replica tells the gateway its own idle time, so the gateway
 still sees every call when it decides to scale to zero.
+
+A function with several ready replicas (a hot function, faasmoe/elastic/hot_replicas.py) is not called
+directly: its calls (one per replica) go through the gateway, which leases each to its least loaded ready replica. The
+gateway counts each replica's calls in flight, every engine's, and knows the replicas that became ready or
+were stopped a moment ago; this path knows one address per function, learnt from the last answer. Picking
+replicas here would repeat the gateway's balancing with less to go on, and keep addresses of replicas a
+scale-in stops while they are fresh. The price is the gateway's hop (on this machine a step of 6 MoE layers
+took 6-18 % longer through the gateway than direct: benchmarks/results/step.json), paid only by functions
+whose calls were queueing behind compute, which is what the replicas take away.
 """
 
 from __future__ import annotations
@@ -42,6 +51,10 @@ class DirectReplicas:
         if response is not None:
             self._known[name] = (known[0], self.clock())
         return response
+
+    def forget(self, name: str) -> None:
+        """Drops the address known for ``name`` (its calls go through the gateway for now)."""
+        self._known.pop(name, None)
 
     def learn(self, name: str, response: httpx.Response) -> None:
         """Remembers the replica the gateway says served ``name`` (real OpenFaaS names none)."""

@@ -1,7 +1,9 @@
 """The remote transport: one HTTP invocation per function through the OpenFaaS gateway, all in flight at once.
 
 Calls for a function whose warm replica the gateway named go straight to that replica (dispatch/direct.py),
-and fall back to the gateway on anything but a 200.
+and fall back to the gateway on anything but a 200. A function with several ready replicas (a hot function,
+elastic/hot_replicas.py) gets one call per replica, each for a share of its experts (DispatchExecutor), sent
+through the gateway, which spreads them over the replicas.
 
 Requests run on an asyncio loop in a background thread (a GatewayConnection), so the trunk thread
 computes the shared expert while they are in flight and only waits when it needs the routed result.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from faasmoe.dispatch.direct import DirectReplicas
 from faasmoe.dispatch.scatter import FunctionCall
 from faasmoe.errors import BadRequest
 from faasmoe.experts.wire import CONTENT_TYPE, decode_output, encode_batch
-from faasmoe.function.headers import COMPUTE_HEADER, INVOCATION_HEADER
+from faasmoe.function.headers import COMPUTE_HEADER, INVOCATION_HEADER, QUEUE_HEADER
 from faasmoe.gateway.client import GatewayClient, GatewayError, GatewaySettings
 from faasmoe.model.moe_block import FunctionFailed
 
@@ -44,6 +47,7 @@ class Invocation:
     cold_start: bool
     compute_seconds: float | None = None  # the function's own time (its compute header); None: it sent none
     direct: bool = False  # sent straight to the replica (faasmoe.dispatch.direct), not through the gateway
+    queue_seconds: float | None = None  # waited in the replica for its compute thread (its queue header)
 
     @property
     def overhead_seconds(self) -> float | None:
@@ -124,19 +128,30 @@ class RemoteTransport:
     async def _send_all(
         self, client: GatewayClient, calls: list[FunctionCall], bodies: list[bytes], started: float
     ) -> list[torch.Tensor]:
-        invocations = (self._invoke(client, c, b, started) for c, b in zip(calls, bodies, strict=True))
+        # A function called more than once in a layer has several ready replicas (its call split over them:
+        # DispatchExecutor): through the gateway, which spreads the calls over them (dispatch/direct.py says why).
+        counts = Counter(call.function.name for call in calls)
+        for name in (name for name, count in counts.items() if count > 1):
+            self.direct.forget(name)  # once down to one replica, the gateway names it afresh
+        invocations = (
+            self._invoke(client, c, b, started, may_go_direct=counts[c.function.name] == 1)
+            for c, b in zip(calls, bodies, strict=True)
+        )
         return list(await asyncio.gather(*invocations))
 
-    async def _invoke(self, client: GatewayClient, call: FunctionCall, body: bytes, started: float) -> torch.Tensor:
+    async def _invoke(
+        self, client: GatewayClient, call: FunctionCall, body: bytes, started: float, *, may_go_direct: bool
+    ) -> torch.Tensor:
         name = call.function.name
         headers = {"Content-Type": CONTENT_TYPE}
         try:
-            response = await self.direct.invoke(client, name, body, headers)
+            response = await self.direct.invoke(client, name, body, headers) if may_go_direct else None
             direct = response is not None
             if response is None:
                 # A 4xx/5xx (after the client's bounded retries) raises GatewayError naming the function.
                 response = await client.invoke(name, body, headers=headers)
-                self.direct.learn(name, response)
+                if may_go_direct:
+                    self.direct.learn(name, response)
             output = decode_output(response.content)
         except GatewayError as exc:
             raise FunctionFailed(name, str(exc), unavailable=exc.status in UNAVAILABLE_STATUSES) from exc
@@ -152,6 +167,7 @@ class RemoteTransport:
                 cold_start=response.headers.get(INVOCATION_HEADER) == "1",
                 compute_seconds=_seconds(response.headers.get(COMPUTE_HEADER)),
                 direct=direct,
+                queue_seconds=_seconds(response.headers.get(QUEUE_HEADER)),
             )
         )
         return output
@@ -162,7 +178,7 @@ class RemoteTransport:
 
 
 def _seconds(header: str | None) -> float | None:
-    # A function that is not faasmoe's own server may send no compute header, or another value.
+    # A function that is not faasmoe's own server may send no compute (or queue) header, or another value.
     try:
         return float(header) if header is not None else None
     except ValueError:

@@ -25,6 +25,27 @@ class FunctionCall:
     rows: torch.Tensor  # [R_f] indices into the layer's T tokens
     batch: ExpertBatch  # R_f rows, with slots of other functions' experts set to NO_EXPERT
 
+    def split(self, parts: int) -> list[FunctionCall]:
+        """This call as at most ``parts`` calls, each for a share of the experts it asks for (one per ready
+        replica of a hot function, faasmoe/elastic/hot_replicas.py). Each expert still computes all of its rows
+        in one call, and gather adds the partials, as at a finer granularity: the sums stay bit for bit."""
+        ids = self.batch.expert_ids  # [R_f, K]
+        experts = torch.unique(ids[ids != NO_EXPERT])
+        if min(parts, len(experts)) <= 1:
+            return [self]
+        calls = []
+        for share in experts.tensor_split(min(parts, len(experts))):
+            mine = torch.isin(ids, share)  # [R_f, K]
+            rows = torch.nonzero(mine.any(dim=1)).squeeze(1)
+            batch = ExpertBatch(
+                hidden=self.batch.hidden[rows],
+                layer_ids=self.batch.layer_ids[rows],
+                expert_ids=torch.where(mine[rows], ids[rows], NO_EXPERT),
+                weights=self.batch.weights[rows],
+            )
+            calls.append(FunctionCall(self.function, self.rows[rows], batch))
+        return calls
+
 
 class Transport(Protocol):
     def send(self, calls: list[FunctionCall]) -> Future[list[torch.Tensor]]:
@@ -35,11 +56,13 @@ class Transport(Protocol):
 
 
 class DispatchExecutor:
-    """The ExpertExecutor for a plan: one call per function that holds an expert the layer's tokens chose."""
+    """The ExpertExecutor for a plan: one call per function that holds an expert the layer's tokens chose, or
+    one per ready replica of a function that has several (``replicas``: none, every function has one)."""
 
-    def __init__(self, plan: Plan, transport: Transport) -> None:
+    def __init__(self, plan: Plan, transport: Transport, replicas: Callable[[str], int] | None = None) -> None:
         self.plan = plan
         self.transport = transport
+        self.replicas = replicas
 
     def submit(self, tokens: RoutedTokens) -> Future[torch.Tensor]:
         calls = self.scatter(tokens)
@@ -61,7 +84,8 @@ class DispatchExecutor:
                 expert_ids=torch.where(mine[rows], tokens.expert_ids[rows], NO_EXPERT),
                 weights=tokens.weights[rows],
             )
-            calls.append(FunctionCall(self.plan.functions[index], rows, batch))
+            call = FunctionCall(self.plan.functions[index], rows, batch)
+            calls.extend(call.split(self.replicas(call.function.name)) if self.replicas else [call])
         return calls
 
     @staticmethod

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Literal
@@ -25,6 +23,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from faasmoe.elastic.routing_stats import RoutingStats
 from faasmoe.errors import FaasmoeError
+from faasmoe.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +103,8 @@ def load_profile(path: Path, stats: RoutingStats, model: str) -> bool:
 def save_profile(path: Path, stats: RoutingStats, model: str) -> None:
     """Writes the profile atomically: a reader (or a crash) sees the old file or the new one, never half."""
     text = RoutingProfile.of(stats, model).model_dump_json() + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # mkstemp makes the file readable by this user only: the profile tells each tenant's traffic.
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, private=True) as partial:  # private: the profile tells each tenant's traffic
+        partial.write_text(text)
 
 
 class ProfileWriter:

@@ -5,8 +5,9 @@ Shape legend:
     S  = T * K token-expert slots       H  hidden size      I  expert intermediate size
 
 The summation order follows transformers' experts module (the same for every family in
-faasmoe/model/families.py) so results match it bit for bit: one concatenated [gate; up] projection per
-expert, each slot weighted in the routing weights' dtype promoted with the model's (the model dtype for
+faasmoe/model/families.py) so results match it bit for bit: one fused gate-and-up projection per
+expert (``ExpertMlp``: GatedMlp's [gate; up] for every family but gpt_oss, ClampedSwigluMlp's for gpt_oss),
+each slot weighted in the routing weights' dtype promoted with the model's (the model dtype for
 qwen2_moe and qwen3_moe, whose routers cast the weights to it; float32 for mixtral, whose router keeps
 them so), and the sum over a token's slots done as view(T, K, H).sum(1). Partial sums are returned in
 float32 so that adding the partials of several functions rounds only once, as the single-process sum does.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +31,70 @@ PARTIAL_DTYPE = torch.float32
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """One routed expert: W_gate_up [2I, H] (gate rows first) and W_down [H, I]."""
+    """One routed expert in its ExpertMlp's layout: GatedMlp's W_gate_up [2I, H] (gate rows first) and W_down
+    [H, I]; ClampedSwigluMlp's (gpt_oss's own) W_gate_up [H, 2I] (gate and up in alternate columns), W_down
+    [I, H] and the biases of both."""
 
     gate_up: torch.Tensor
     down: torch.Tensor
+    gate_up_bias: torch.Tensor | None = None  # [2I]
+    down_bias: torch.Tensor | None = None  # [H]
 
     @classmethod
     def from_projections(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> ExpertWeights:
         return cls(gate_up=torch.cat([gate, up], dim=0), down=down)
+
+    def nbytes(self) -> int:
+        tensors = (self.gate_up, self.down, self.gate_up_bias, self.down_bias)
+        return sum(t.nbytes for t in tensors if t is not None)
+
+
+@dataclass(frozen=True)
+class GatedMlp:
+    """transformers' default experts (every family but gpt_oss): act(gate) * up from one [gate; up] projection,
+    then down; no biases."""
+
+    hidden_act: str
+    kind: ClassVar[str] = "gated"
+    has_bias: ClassVar[bool] = False
+
+    @cached_property
+    def act_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return activation(self.hidden_act)
+
+    def hidden_size(self, w: ExpertWeights) -> int:
+        return w.gate_up.shape[1]
+
+    def __call__(self, x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+        """[n, H] -> [n, H]"""
+        gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)  # [n, I] each
+        return F.linear(self.act_fn(gate) * up, w.down)
+
+
+@dataclass(frozen=True)
+class ClampedSwigluMlp:
+    """gpt_oss's experts (GptOssExperts): each projection x @ W, then its bias added, as transformers' experts
+    module computes it; between them the clamped SwiGLU, op for op as GptOssExperts._apply_gate."""
+
+    alpha: float  # config.swiglu_alpha
+    limit: float  # config.swiglu_limit
+    kind: ClassVar[str] = "clamped_swiglu"
+    has_bias: ClassVar[bool] = True
+
+    def hidden_size(self, w: ExpertWeights) -> int:
+        return w.gate_up.shape[0]
+
+    def __call__(self, x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+        """[n, H] -> [n, H]"""
+        gate_up = x @ w.gate_up + w.gate_up_bias  # [n, 2I]
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]  # [n, I] each
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        glu = gate * torch.sigmoid(gate * self.alpha)
+        return ((up + 1) * glu) @ w.down + w.down_bias
+
+
+ExpertMlp = GatedMlp | ClampedSwigluMlp
 
 
 @dataclass(frozen=True)
@@ -51,18 +110,19 @@ class ExpertBatch:
 class ExpertSet:
     """The experts one function (or one process) holds, keyed by (layer, expert)."""
 
-    def __init__(self, experts: dict[tuple[int, int], ExpertWeights], hidden_act: str) -> None:
+    def __init__(self, experts: dict[tuple[int, int], ExpertWeights], mlp: ExpertMlp | str) -> None:
+        """``mlp``: the experts' maths, or the activation name of GatedMlp's."""
         self.experts = experts
-        self.act_fn = activation(hidden_act)
+        self.mlp = GatedMlp(mlp) if isinstance(mlp, str) else mlp
         first = next(iter(experts.values()))
-        self.hidden_size = first.gate_up.shape[1]
+        self.hidden_size = self.mlp.hidden_size(first)
         self.dtype = first.gate_up.dtype
 
     def __contains__(self, key: tuple[int, int]) -> bool:
         return key in self.experts
 
     def nbytes(self) -> int:
-        return sum(w.gate_up.nbytes + w.down.nbytes for w in self.experts.values())
+        return sum(w.nbytes() for w in self.experts.values())
 
     def partial_sum(self, batch: ExpertBatch) -> torch.Tensor:
         """Returns sum_k w_k * expert_k(x) over the slots asked of this set: [T, H] float32."""
@@ -76,9 +136,7 @@ class ExpertSet:
         weighted = batch.hidden.new_zeros(T * K, H, dtype=slot_dtype)  # [S, H]
         for layer, expert in self._asked(slot_layers, slot_experts):
             slots = torch.nonzero((slot_experts == expert) & (slot_layers == layer)).squeeze(1)
-            w = self.experts[(layer, expert)]
-            gate, up = F.linear(batch.hidden[slots // K], w.gate_up).chunk(2, dim=-1)  # [n, I] each
-            out = F.linear(self.act_fn(gate) * up, w.down)  # [n, H]
+            out = self.mlp(batch.hidden[slots // K], self.experts[(layer, expert)])  # [n, H]
             weighted[slots] = out * slot_weights[slots, None]
         return weighted.view(T, K, H).sum(dim=1, dtype=PARTIAL_DTYPE)
 

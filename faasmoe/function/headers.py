@@ -2,6 +2,9 @@
 
 INVOCATION_HEADER = "X-Faasmoe-Invocation"  # invocations this replica served; "1": the call met a fresh replica
 COMPUTE_HEADER = "X-Faasmoe-Compute-Seconds"  # the call's decode + partial sums + encode, on its thread
+# Seconds the call waited, weights loaded, for the compute thread that earlier calls held: the queueing that
+# another replica would remove (faasmoe/elastic/hot_replicas.py scales on it).
+QUEUE_HEADER = "X-Faasmoe-Queue-Seconds"
 LOAD_HEADER = "X-Faasmoe-Load-Seconds"  # process start -> weights loaded, the replica's cold start
 # Requests sent straight to a replica (the direct path) name the function they are for: a replica of
 # another function (a stale address) answers 421 instead of computing with the wrong experts.

@@ -23,7 +23,14 @@ from starlette.routing import Route
 
 from faasmoe.errors import BadRequest, BodyTooLarge
 from faasmoe.function import timeline as milestones
-from faasmoe.function.headers import COMPUTE_HEADER, FUNCTION_HEADER, IDLE_HEADER, INVOCATION_HEADER, LOAD_HEADER
+from faasmoe.function.headers import (
+    COMPUTE_HEADER,
+    FUNCTION_HEADER,
+    IDLE_HEADER,
+    INVOCATION_HEADER,
+    LOAD_HEADER,
+    QUEUE_HEADER,
+)
 from faasmoe.function.loader import LoadState, WeightsLoader
 from faasmoe.function.settings import FunctionSettings
 from faasmoe.function.stats import Counters, function_stats
@@ -111,8 +118,11 @@ class FunctionApp:
         if invoker is None:
             self.counters.not_ready += 1
             return _error(f"function {self.settings.function} could not load its weights: {self.loader.error}", 500)
+        queued = time.perf_counter()  # from here the call only waits for the compute thread, then computes
         try:
-            output, compute_s = await asyncio.get_running_loop().run_in_executor(self.executor, _timed, invoker, body)
+            output, queue_s, compute_s = await asyncio.get_running_loop().run_in_executor(
+                self.executor, _timed, invoker, body, queued
+            )
         except BadRequest as exc:
             self.counters.bad_requests += 1
             return _error(str(exc), 400)
@@ -124,6 +134,7 @@ class FunctionApp:
         headers = {
             INVOCATION_HEADER: str(self.counters.invocations),
             COMPUTE_HEADER: f"{compute_s:.6f}",
+            QUEUE_HEADER: f"{queue_s:.6f}",
             LOAD_HEADER: f"{self.timeline.get(milestones.LOADED) or 0.0:.3f}",
         }
         return Response(output, media_type=invoker.content_type, headers=headers)
@@ -170,11 +181,12 @@ def serve(settings: FunctionSettings, loader: WeightsLoader, timeline: Timeline)
     _Server(config, on_listening=lambda: timeline.mark(milestones.LISTENING)).run(sockets=sockets)
 
 
-def _timed(invoker: Invoker, body: bytes) -> tuple[bytes, float]:
-    """The invocation and its seconds, timed on the compute thread: the hop to it is overhead, not compute."""
+def _timed(invoker: Invoker, body: bytes, queued: float) -> tuple[bytes, float, float]:
+    """The invocation, the seconds since ``queued`` it waited for the compute thread, and its compute seconds,
+    timed on that thread: the hop to it is overhead (or queueing behind earlier calls), not compute."""
     started = time.perf_counter()
     output = invoker(body)
-    return output, time.perf_counter() - started
+    return output, started - queued, time.perf_counter() - started
 
 
 def _error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from faasmoe.errors import ShardError
+from faasmoe.files import atomic_path
 from faasmoe.function.settings import FunctionSettings
 from faasmoe.planning.plan import SHARD_DIR  # imports torch: this module is only used by the background loader
 
@@ -40,20 +40,19 @@ def download_shard(settings: FunctionSettings) -> Path:
     url = shard_uri(settings.weights_uri, settings.function)
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     target = settings.cache_dir / f"{settings.function}{SHARD_SUFFIX}"
-    partial = target.with_name(f"{target.name}.{os.getpid()}.part")
     started = time.perf_counter()
     try:
-        with httpx.stream("GET", url, timeout=settings.download_timeout_s, follow_redirects=True) as response:
+        with (
+            atomic_path(target) as partial,
+            httpx.stream("GET", url, timeout=settings.download_timeout_s, follow_redirects=True) as response,
+        ):
             if response.status_code != httpx.codes.OK:
                 raise ShardError(f"shard {url} could not be downloaded: HTTP {response.status_code}")
             with partial.open("wb") as out:
                 for chunk in response.iter_bytes(settings.download_chunk_bytes):
                     out.write(chunk)
-        os.replace(partial, target)
     except httpx.HTTPError as exc:
         raise ShardError(f"shard {url} could not be downloaded: {exc!r}") from exc
-    finally:
-        partial.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     size = target.stat().st_size
     logger.info("downloaded %s (%.1f MB) in %.2f s", url, size / 1e6, seconds)

@@ -24,6 +24,7 @@ from pydantic import (
 # Labels and annotations the gateway understands (OpenFaaS Pro / Edge spellings).
 LABEL_SCALE_MIN = "com.openfaas.scale.min"
 LABEL_SCALE_MAX = "com.openfaas.scale.max"
+DEFAULT_SCALE_MAX = 20  # what OpenFaaS lets a function without com.openfaas.scale.max grow to
 LABEL_SCALE_ZERO = "com.openfaas.scale.zero"
 LABEL_SCALE_ZERO_DURATION = "com.openfaas.scale.zero-duration"
 ANNOTATION_READY_PATH = "com.openfaas.ready.http.path"

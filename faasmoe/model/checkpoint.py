@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from faasmoe.errors import CheckpointError
+from faasmoe.experts.compute import ExpertMlp, ExpertWeights
 from faasmoe.model.families import EXPERT_PROJECTIONS, FAMILIES, MoeFamily, unsupported
 
 if TYPE_CHECKING:  # transformers costs ~1.5 s to import; expert functions only need expert_key
@@ -20,6 +21,8 @@ if TYPE_CHECKING:  # transformers costs ~1.5 s to import; expert functions only 
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# gpt_oss on the hub: its experts in MXFP4 (<projection>_blocks, _scales), dequantized on reading
+MXFP4 = "mxfp4"
 
 # faasmoe's names of one routed expert's tensors (qwen2_moe's hub layout, and the shards' for every family),
 # e.g. model.layers.3.mlp.experts.17.up_proj.weight
@@ -52,12 +55,13 @@ class Checkpoint:
         declared = json.loads(config_file.read_text())
         if declared.get("model_type") not in FAMILIES:
             raise CheckpointError(f"{path}: {unsupported(declared)}")
+        quantized = (declared.get("quantization_config") or {}).get("quant_method")
+        if quantized is not None and (quantized, declared["model_type"]) != (MXFP4, "gpt_oss"):
+            raise CheckpointError(f"{path}: {quantized} quantized weights are not supported "
+                                  f"(faasmoe dequantizes gpt_oss's {MXFP4} experts only)")  # fmt: skip
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path)
-        if getattr(config, "sliding_window", None):  # qwen2_moe writes 0 when it is off, the others None
-            raise CheckpointError(f"{path}: sliding-window attention (sliding_window={config.sliding_window}) "
-                                  "is not supported yet")  # fmt: skip
         return cls(path=path, config=config, key_to_file=_index_tensors(path))
 
     @property
@@ -86,14 +90,45 @@ class Checkpoint:
                     tensors[key] = f.get_tensor(key)
         return tensors
 
-    def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """One expert's gate, up and down, named by expert_key whatever the family's hub names."""
-        hub_keys = {expert_key(layer, expert, p): self.family.expert_key(layer, expert, p) for p in EXPERT_PROJECTIONS}
-        missing = [k for k in hub_keys.values() if k not in self.key_to_file]
+    @property
+    def expert_mlp(self) -> ExpertMlp:
+        return self.family.expert_mlp(self.config)
+
+    def read_expert(self, layer: int, expert: int) -> ExpertWeights:
+        """One expert in the layout of the family's expert_mlp, whatever the family's hub names."""
+        if self.family.fused_experts:
+            return self._read_fused_expert(layer, expert)
+        hub_keys = [self.family.expert_key(layer, expert, p) for p in EXPERT_PROJECTIONS]
+        self._check_expert(layer, expert, hub_keys)
+        tensors = self.read(hub_keys)
+        return ExpertWeights.from_projections(*(tensors[k] for k in hub_keys))
+
+    def _read_fused_expert(self, layer: int, expert: int) -> ExpertWeights:
+        """Expert ``expert``'s rows of the layer's fused tensors (reading only those), MXFP4 ones dequantized
+        by transformers' own code into the dtype of the biases beside them (the hub's bf16, as the trunk)."""
+        mxfp4 = (getattr(self.config, "quantization_config", None) or {}).get("quant_method") == MXFP4
+        packed = ("_blocks", "_scales") if mxfp4 else ("",)
+        names = [f"{p}{part}" for p in ("gate_up_proj", "down_proj") for part in (*packed, "_bias")]
+        hub_keys = [self.family.fused_expert_key(layer, name) for name in names]
+        self._check_expert(layer, expert, hub_keys)
+        t = {name: self._read_row(key, expert) for name, key in zip(names, hub_keys, strict=True)}
+        if mxfp4:
+            from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+            for p in ("gate_up_proj", "down_proj"):
+                blocks, scales = t.pop(f"{p}_blocks")[None], t.pop(f"{p}_scales")[None]  # of one expert: [1, ...]
+                t[p] = convert_moe_packed_tensors(blocks, scales, dtype=t[f"{p}_bias"].dtype)[0]
+        return ExpertWeights(t["gate_up_proj"], t["down_proj"], t["gate_up_proj_bias"], t["down_proj_bias"])
+
+    def _check_expert(self, layer: int, expert: int, hub_keys: list[str]) -> None:
+        missing = [k for k in hub_keys if k not in self.key_to_file]
         if missing:
             raise CheckpointError(f"{self.path}: expert {expert} of layer {layer} is missing ({missing[0]})")
-        tensors = self.read(hub_keys.values())
-        return {name: tensors[hub_key] for name, hub_key in hub_keys.items()}
+
+    def _read_row(self, key: str, row: int) -> torch.Tensor:
+        """Row ``row`` of a tensor's first dimension, reading only its bytes."""
+        with safe_open(self.key_to_file[key], framework="pt") as f:
+            return f.get_slice(key)[row]
 
 
 def _index_tensors(path: Path) -> dict[str, Path]:

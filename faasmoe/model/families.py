@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PretrainedConfig
 
+    from faasmoe.experts.compute import ExpertMlp
+
 # An expert's projections by the names faasmoe uses (in shards too): the order of gate, up, down.
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -34,22 +36,44 @@ class MoeFamily:
     hub_projections: tuple[str, str, str]  # the hub names of gate, up and down
     expert_intermediate_size: str  # the config field holding one expert's intermediate size
     sparse_step: bool  # layers by qwen's decoder_sparse_step / mlp_only_layers rule; False: every layer is MoE
+    expert_count: str = "num_experts"  # the config field holding the routed experts per layer
+    first_dense_layers: str | None = None  # the config field counting the dense layers before the first MoE layer
+    hub_router: str = "gate"  # the router's name in the block: model.layers.L.<hub_block>.<hub_router>.weight
+    # gpt_oss: a layer's experts in one tensor per projection, model.layers.L.<hub_block>.experts.gate_up_proj
+    # [E, H, 2I] (gate and up in alternate columns) and down_proj [E, I, H], each with a _bias, and its clamped
+    # SwiGLU; expert_key and hub_projections do not apply
+    fused_experts: bool = False
 
     def expert_key(self, layer: int, expert: int, projection: str) -> str:
         """The hub key of one expert's projection, named as in EXPERT_PROJECTIONS."""
         hub_name = self.hub_projections[EXPERT_PROJECTIONS.index(projection)]
         return f"model.layers.{layer}.{self.hub_block}.experts.{expert}.{hub_name}.weight"
 
+    def fused_expert_key(self, layer: int, name: str) -> str:
+        """The hub key of one of a fused family's per-layer expert tensors (``gate_up_proj``, ``down_proj_bias``...)."""
+        return f"model.layers.{layer}.{self.hub_block}.experts.{name}"
+
     def is_routed_expert_key(self, key: str) -> bool:
         return f".{self.hub_block}.experts." in key
 
     def model_key(self, hub_key: str) -> str:
-        """The name transformers' model gives a trunk tensor of the hub checkpoint (its block is ``mlp``)."""
-        return hub_key.replace(f".{self.hub_block}.", ".mlp.")
+        """The name the trunk gives a trunk tensor of the hub checkpoint: transformers' model's, but the block is
+        always ``mlp`` and its router ``gate`` (SplitMoeBlock's)."""
+        return hub_key.replace(f".{self.hub_block}.", ".mlp.").replace(f".mlp.{self.hub_router}.", ".mlp.gate.")
+
+    def expert_mlp(self, config: PretrainedConfig) -> ExpertMlp:
+        """The routed experts' maths (faasmoe/experts/compute.py) with the config's constants."""
+        from faasmoe.experts.compute import ClampedSwigluMlp, GatedMlp
+
+        if self.fused_experts:
+            return ClampedSwigluMlp(alpha=config.swiglu_alpha, limit=config.swiglu_limit)
+        return GatedMlp(config.hidden_act)
 
     def moe_layers(self, config: PretrainedConfig) -> list[int]:
         """The layers transformers builds a sparse block for; the others have a dense MLP."""
         c = config
+        if self.first_dense_layers is not None:  # deepseek: k dense layers, then every layer MoE
+            return list(range(getattr(c, self.first_dense_layers), c.num_hidden_layers))
         if not self.sparse_step:
             return list(range(c.num_hidden_layers))
         return [
@@ -60,6 +84,9 @@ class MoeFamily:
 
     def intermediate_size(self, config: PretrainedConfig) -> int:
         return getattr(config, self.expert_intermediate_size)
+
+    def num_experts(self, config: PretrainedConfig) -> int:
+        return getattr(config, self.expert_count)
 
     def causal_lm_class(self) -> type[nn.Module]:
         return getattr(importlib.import_module(self.modeling), self.causal_lm)
@@ -100,6 +127,40 @@ FAMILIES: dict[str, MoeFamily] = {
             hub_projections=("w1", "w3", "w2"),  # w1 gate, w3 up, w2 down (transformers' conversion_mapping)
             expert_intermediate_size="intermediate_size",
             sparse_step=False,
+        ),
+        MoeFamily(
+            model_type="olmoe",
+            modeling="transformers.models.olmoe.modeling_olmoe",
+            causal_lm="OlmoeForCausalLM",
+            sparse_block="OlmoeSparseMoeBlock",
+            hub_block="mlp",
+            hub_projections=EXPERT_PROJECTIONS,
+            expert_intermediate_size="intermediate_size",
+            sparse_step=False,
+        ),
+        MoeFamily(
+            model_type="deepseek_v3",
+            modeling="transformers.models.deepseek_v3.modeling_deepseek_v3",
+            causal_lm="DeepseekV3ForCausalLM",
+            sparse_block="DeepseekV3MoE",
+            hub_block="mlp",  # the shared experts are mlp.shared_experts: not routed, they stay in the trunk
+            hub_projections=EXPERT_PROJECTIONS,
+            expert_intermediate_size="moe_intermediate_size",
+            sparse_step=False,
+            expert_count="n_routed_experts",
+            first_dense_layers="first_k_dense_replace",
+        ),
+        MoeFamily(
+            model_type="gpt_oss",
+            modeling="transformers.models.gpt_oss.modeling_gpt_oss",
+            causal_lm="GptOssForCausalLM",
+            sparse_block="GptOssMLP",
+            hub_block="mlp",
+            hub_projections=EXPERT_PROJECTIONS,  # unused: its experts are fused
+            expert_intermediate_size="intermediate_size",
+            sparse_step=False,
+            hub_router="router",
+            fused_experts=True,
         ),
     )
 }

@@ -91,13 +91,15 @@ LookaheadHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 class SplitMoeBlock(nn.Module):
     """Replaces a family's transformers sparse block (faasmoe/model/families.py); keeps its router and its
-    sigmoid-gated shared expert where it has one (qwen2_moe), not its routed experts."""
+    shared expert where it has one (qwen2_moe's sigmoid-gated, deepseek_v3's ungated), not its routed experts."""
 
     def __init__(self, block: nn.Module, layer: int, executor: ExpertExecutor) -> None:
         super().__init__()
-        self.gate = block.gate  # every family's router returns (logits, weights [T, K], expert_ids [T, K])
+        # every family's router returns (logits, weights [T, K], expert_ids [T, K]); gpt_oss calls it router
+        self.gate = block.router if hasattr(block, "router") else block.gate
         self.shared_expert: nn.Module | None = getattr(block, "shared_expert", None)
         self.shared_expert_gate: nn.Module | None = getattr(block, "shared_expert_gate", None)
+        self.shared_experts: nn.Module | None = getattr(block, "shared_experts", None)  # deepseek_v3's, ungated
         self.layer = layer
         self.executor = executor
         self.routed_time = RoutedTime()
@@ -116,7 +118,10 @@ class SplitMoeBlock(nn.Module):
         if self.lookahead is not None:  # guesses the next layer's experts while this layer's run
             self.lookahead(self.layer, x, expert_ids)
         # The shared expert runs here while the routed experts are in flight.
-        shared = None if self.shared_expert is None else F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.shared_expert is not None:
+            shared = F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        else:
+            shared = None if self.shared_experts is None else self.shared_experts(x)
         waiting = time.perf_counter()
         routed_sum = routed.result()  # [T, H]
         self.routed_time.add(submitted - started, time.perf_counter() - waiting)

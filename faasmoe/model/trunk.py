@@ -2,7 +2,9 @@
 
 The trunk holds embeddings, attention (each sequence with its own KV cache), norms, routers, shared
 experts and the LM head. It is built on the meta device and filled with the checkpoint's non-expert
-tensors only, so routed-expert weights never enter this process.
+tensors only, so routed-expert weights never enter this process. Each sequence gets one mask per kind of
+attention layer the model has (full, or sliding-window: every other layer of gpt_oss), made as the
+family's model makes it, by transformers' own mask functions over that sequence's cache.
 
 Shape legend: N new tokens of all sequences in a step, H hidden, V vocabulary.
 """
@@ -14,8 +16,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import DynamicCache, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from faasmoe.errors import CheckpointError
 from faasmoe.model.attention import SequenceSlice, batched_attention
@@ -23,6 +25,9 @@ from faasmoe.model.checkpoint import Checkpoint
 from faasmoe.model.families import MoeFamily
 from faasmoe.model.moe_block import ExpertExecutor, LookaheadHook, RoutingObserver, SplitMoeBlock
 from faasmoe.planning.digest import verify_sha256
+
+# The masks of each kind of attention layer (transformers' layer_types), as the families' models make them.
+MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 @dataclass
@@ -41,6 +46,7 @@ class Trunk:
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
         self.config = model.config
+        self.layer_kinds = attention_kinds(self.config)
 
     @classmethod
     def load(
@@ -55,10 +61,12 @@ class Trunk:
         ``trunk_sha256`` is the plan's digest of ``trunk_file``: a file that differs raises ShardError.
         """
         config = checkpoint.config
-        config._attn_implementation = "sdpa"
         family = checkpoint.family
+        causal_lm = family.causal_lm_class()
+        # What transformers loads it with: sdpa where the family supports it, else eager (gpt_oss, for its sinks).
+        config._attn_implementation = "sdpa" if causal_lm._supports_sdpa else "eager"
         with torch.device("meta"):
-            model = family.causal_lm_class()(config)
+            model = causal_lm(config)
         sparse_block = family.sparse_block_class()
         for index, layer in enumerate(model.model.layers):
             if isinstance(layer.mlp, sparse_block):
@@ -107,34 +115,47 @@ class Trunk:
             raise ValueError("every sequence in a step needs at least one new token")
         ids = torch.tensor([t for s in sequences for t in s.new_tokens], dtype=torch.long)
         hidden = inner.embed_tokens(ids)  # [N, H]
-        slices, start = [], 0
-        for seq, n in zip(sequences, lengths, strict=True):
-            slices.append(self._slice(seq, slice(start, start + n), hidden))
+        spans, start = [], 0
+        for n in lengths:
+            spans.append(slice(start, start + n))
             start += n
-        for layer in inner.layers:
-            hidden = hidden + batched_attention(layer.self_attn, layer.input_layernorm(hidden), slices)
+        slices = [self._slices(seq, span, hidden) for seq, span in zip(sequences, spans, strict=True)]
+        by_kind = {kind: [s[kind] for s in slices] for kind in slices[0]}
+        for layer, kind in zip(inner.layers, self.layer_kinds, strict=True):
+            hidden = hidden + batched_attention(layer.self_attn, layer.input_layernorm(hidden), by_kind[kind])
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden)[None])[0]
         hidden = inner.norm(hidden)  # [N, H]
         for seq in sequences:
             seq.new_tokens = []
-        spans = [s.span for s in slices]
         if all_logits:
             return [self.model.lm_head(hidden[span]) for span in spans]
         last = torch.tensor([span.stop - 1 for span in spans])
         return list(self.model.lm_head(hidden[last]))  # B x [V]
 
-    def _slice(self, seq: SequenceState, span: slice, hidden: torch.Tensor) -> SequenceSlice:
+    def _slices(self, seq: SequenceState, span: slice, hidden: torch.Tensor) -> dict[str, SequenceSlice]:
+        """The sequence's attention inputs for each kind of layer the model has, before its cache grows."""
         embeds = hidden[None, span]  # [1, n, H]
         positions = torch.arange(seq.length, seq.length + embeds.shape[1])[None]  # [1, n]
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=embeds,
-            attention_mask=None,
-            past_key_values=seq.cache,
-            position_ids=positions,
-        )
         cos_sin = self.model.model.rotary_emb(embeds, positions)
-        return SequenceSlice(span=span, cache=seq.cache, position_embeddings=cos_sin, mask=mask, position_ids=positions)
+        slices = {}
+        for kind in dict.fromkeys(self.layer_kinds):
+            mask = MASKS[kind](
+                config=self.config, inputs_embeds=embeds, attention_mask=None, cache=seq.cache, position_ids=positions
+            )
+            slices[kind] = SequenceSlice(span, seq.cache, cos_sin, mask, position_ids=positions)
+        return slices
+
+
+def attention_kinds(config: PretrainedConfig) -> list[str]:
+    """Each layer's kind of attention, as the family's model masks it and DynamicCache keeps it: the config's
+    layer_types where it has them (gpt_oss alternates sliding and full, from layer 0), else every layer sliding
+    when sliding_window is set (mixtral, qwen3_moe) and full otherwise."""
+    sliding = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    kinds = getattr(config, "layer_types", None) or [sliding] * config.num_hidden_layers
+    unknown = sorted(set(kinds) - set(MASKS))
+    if unknown:
+        raise CheckpointError(f"attention of type {unknown[0]!r} is not supported; supported: {', '.join(MASKS)}")
+    return kinds
 
 
 def _read_trunk(checkpoint: Checkpoint, trunk_file: Path | None, sha256: str | None) -> dict[str, torch.Tensor]:

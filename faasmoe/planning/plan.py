@@ -14,6 +14,7 @@ from faasmoe.errors import PlanError
 from faasmoe.model.checkpoint import Checkpoint
 from faasmoe.model.families import FAMILIES
 from faasmoe.planning.digest import Sha256
+from faasmoe.planning.grouping import Grouping, group_experts
 
 if TYPE_CHECKING:  # transformers costs ~1.5 s to import
     from transformers import PretrainedConfig
@@ -60,7 +61,7 @@ class ModelShape(BaseModel):
             num_hidden_layers=c.num_hidden_layers,
             hidden_size=c.hidden_size,
             moe_intermediate_size=family.intermediate_size(c),
-            num_experts=c.num_experts,  # each family's config answers to num_experts (transformers' attribute_map)
+            num_experts=family.num_experts(c),
             num_experts_per_tok=c.num_experts_per_tok,
             dtype=str(dtype).removeprefix("torch."),
             moe_layers=family.moe_layers(c),
@@ -83,36 +84,42 @@ class Plan(BaseModel):
     model: ModelShape
     experts_per_function: int = Field(ge=1)
     layers_per_function: int = Field(ge=1)
+    # How experts were grouped (faasmoe/planning/grouping.py); plans written before it are contiguous.
+    grouping: Grouping = Grouping.CONTIGUOUS
     trunk: str = TRUNK_FILE
     trunk_sha256: Sha256 | None = None  # of the trunk file; None in version-1 plans
     functions: list[FunctionSpec]
 
     @classmethod
     def group(
-        cls, shape: ModelShape, experts_per_function: int, layers_per_function: int = 1, prefix: str = DEFAULT_PREFIX
+        cls,
+        shape: ModelShape,
+        experts_per_function: int,
+        layers_per_function: int = 1,
+        prefix: str = DEFAULT_PREFIX,
+        grouping: Grouping = Grouping.CONTIGUOUS,
+        popularity: torch.Tensor | None = None,
     ) -> Plan:
-        """Groups N experts x M consecutive MoE layers per function; N need not divide the expert count."""
-        if experts_per_function < 1 or layers_per_function < 1:
-            raise PlanError("experts-per-function and layers-per-function must be at least 1")
-        functions = []
-        layers = shape.moe_layers
-        for start in range(0, len(layers), layers_per_function):
-            layer_group = layers[start : start + layers_per_function]
-            for first in range(0, shape.num_experts, experts_per_function):
-                experts = list(range(first, min(first + experts_per_function, shape.num_experts)))
-                name = f"{prefix}-{_span('l', layer_group, 2)}-{_span('e', experts, 3)}"
-                functions.append(
-                    FunctionSpec(
-                        name=name,
-                        shard=f"{SHARD_DIR}/{name}.safetensors",
-                        layers=layer_group,
-                        experts=[(layer, e) for layer in layer_group for e in experts],
-                    )
-                )
+        """Groups N experts x M consecutive MoE layers per function; N need not divide the expert count.
+
+        ``popularity`` [MoE layers, E] orders the experts for ``Grouping.POPULARITY`` (grouping.py)."""
+        groups = group_experts(
+            shape.moe_layers, shape.num_experts, experts_per_function, layers_per_function, grouping, popularity
+        )
+        functions = [
+            FunctionSpec(
+                name=f"{prefix}-{group.name}",
+                shard=f"{SHARD_DIR}/{prefix}-{group.name}.safetensors",
+                layers=group.layers,
+                experts=group.experts,
+            )
+            for group in groups
+        ]
         return cls(
             model=shape,
             experts_per_function=experts_per_function,
             layers_per_function=layers_per_function,
+            grouping=grouping,
             functions=functions,
         )
 
@@ -172,8 +179,3 @@ class Plan(BaseModel):
                 missing = int(torch.nonzero(owner < 0)[0])
                 raise PlanError(f"plan gives expert {missing} of layer {layer} to no function")
         return table
-
-
-def _span(tag: str, values: list[int], width: int) -> str:
-    first, last = values[0], values[-1]
-    return f"{tag}{first:0{width}d}" if first == last else f"{tag}{first:0{width}d}-{last:0{width}d}"

@@ -29,6 +29,7 @@ from faasmoe.gateway.schemas import (
     LABEL_SCALE_ZERO_DURATION,
 )
 from faasmoe.model.presets import preset_config
+from faasmoe.planning.grouping import Grouping
 from faasmoe.planning.plan import FunctionSpec, ModelShape, Plan
 
 STACK_VERSION = 1.0
@@ -75,11 +76,15 @@ class StackSettings(BaseModel):
     build_once: bool = True
 
 
+def memory_bytes(weights_bytes: int, settings: StackSettings) -> int:
+    """What a replica holding ``weights_bytes`` of experts uses: its memory request before rounding to a MiB."""
+    return weights_bytes + settings.base_memory_mib * MIB
+
+
 def memory_mib(weights_bytes: int, settings: StackSettings) -> tuple[int, int]:
     """(request, limit) in MiB for a function holding ``weights_bytes`` of experts."""
-    weights_mib = weights_bytes / MIB
-    request = math.ceil(weights_mib + settings.base_memory_mib)
-    limit = math.ceil(weights_mib * settings.memory_headroom + settings.base_memory_mib)
+    request = math.ceil(memory_bytes(weights_bytes, settings) / MIB)
+    limit = math.ceil(weights_bytes / MIB * settings.memory_headroom + settings.base_memory_mib)
     return request, limit
 
 
@@ -104,7 +109,10 @@ def function_labels(function: FunctionSpec, settings: StackSettings) -> dict[str
         LABEL_EXPERT_COUNT: str(len(function.experts)),
     }
     experts = sorted({expert for _, expert in function.experts})
-    if experts == list(range(experts[0], experts[-1] + 1)):  # a contiguous block, as Plan.group makes
+    # The same contiguous block at every layer, as the contiguous grouping makes; a popularity plan's
+    # experts are listed in plan.json only (a label value holds 63 characters).
+    same_block = len(function.experts) == len(experts) * len(function.layers)
+    if same_block and experts == list(range(experts[0], experts[-1] + 1)):
         labels[LABEL_EXPERTS] = _span(experts)
     return labels
 
@@ -183,9 +191,15 @@ def qwen15_shape() -> ModelShape:
     return ModelShape.from_config(preset_config("qwen1.5-moe-a2.7b"), torch.bfloat16)
 
 
-def sized_plan(shape: ModelShape, experts_per_function: int, layers_per_function: int = 1) -> Plan:
+def sized_plan(
+    shape: ModelShape,
+    experts_per_function: int,
+    layers_per_function: int = 1,
+    grouping: Grouping = Grouping.CONTIGUOUS,
+    popularity: torch.Tensor | None = None,
+) -> Plan:
     """A plan with each function's bytes filled in from the shape (what `faasmoe export` would write)."""
-    plan = Plan.group(shape, experts_per_function, layers_per_function)
+    plan = Plan.group(shape, experts_per_function, layers_per_function, grouping=grouping, popularity=popularity)
     for function in plan.functions:
         function.bytes = len(function.experts) * expert_bytes(shape)
     return plan

@@ -115,6 +115,18 @@ class Metrics:
             function,
             registry=registry,
         )
+        self.replica_scale_outs = Counter(
+            "faasmoe_replica_scale_outs",
+            "Hot replicas: replicas added to a function whose calls queued past --replica-queue-target-ms",
+            function,
+            registry=registry,
+        )
+        self.replica_scale_ins = Counter(
+            "faasmoe_replica_scale_ins",
+            "Hot replicas: added replicas taken back once the function's queueing stayed low",
+            function,
+            registry=registry,
+        )
         self.active_sequences = Gauge(
             "faasmoe_active_sequences",
             "Sequences holding a KV cache (running or waiting)",
@@ -167,6 +179,13 @@ class Metrics:
             buckets=FINE_BUCKETS,
             registry=registry,
         )
+        self.function_queue = Histogram(
+            "faasmoe_function_queue_seconds",
+            "An invocation's wait in its replica for the compute thread (its queue header): what replicas remove",
+            function,
+            buckets=FINE_BUCKETS,
+            registry=registry,
+        )
         self.memory = Gauge(
             "faasmoe_control_plane_memory_bytes",
             "Resident memory of the control plane (trunk)",
@@ -187,6 +206,8 @@ class Metrics:
         elif invocation.compute_seconds is not None:
             self.function_compute.labels(name).observe(invocation.compute_seconds)
             self.function_overhead.labels(name).observe(invocation.overhead_seconds)
+        if invocation.queue_seconds is not None:
+            self.function_queue.labels(name).observe(invocation.queue_seconds)
 
     def observe_step(self, engine: str, phase: str, sequences: int, seconds: float, routed: RoutedTime) -> None:
         """One step's ``seconds``, of which ``routed`` went to the routed experts and the rest to the trunk."""
@@ -212,6 +233,13 @@ class Metrics:
 
     def observe_scale_down(self, function: str) -> None:
         self.keep_alive_scale_downs.labels(function).inc()
+
+    def observe_replica_scale_out(self, function: str) -> None:
+        """A ReplicaObserver (called on the dispatch thread)."""
+        self.replica_scale_outs.labels(function).inc()
+
+    def observe_replica_scale_in(self, function: str) -> None:
+        self.replica_scale_ins.labels(function).inc()
 
     def count_routing(self, stats: RoutingStats) -> None:
         """Exposes ``stats``' totals as faasmoe_routed_slots_total, read at each scrape (RoutedSlots)."""

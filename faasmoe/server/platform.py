@@ -14,6 +14,7 @@ from functools import partial
 
 from faasmoe.dispatch.executor import open_executor
 from faasmoe.dispatch.remote import GatewayConnection, InvocationLog
+from faasmoe.elastic.hot_replicas import ReadyReplicas, ReplicaScaler
 from faasmoe.elastic.idler import Idler
 from faasmoe.elastic.keep_alive import KeepAliveMode
 from faasmoe.elastic.lookahead import Lookahead
@@ -48,9 +49,11 @@ class Platform:
     prewarmer: Prewarmer | None = None  # None: --prewarm off, or no gateway
     profile_writer: ProfileWriter | None = None  # None: no --routing-profile
     idler: Idler | None = None  # None: --keep-alive fixed, or no gateway
+    replica_scaler: ReplicaScaler | None = None  # None: --replica-queue-target-ms off, or no gateway
     created: int = field(default_factory=lambda: int(time.time()))
     _reconciling: Future[None] | None = None
     _idling: Future[None] | None = None
+    _replicating: Future[None] | None = None
     _readiness: tuple[float, str | None] = (float("-inf"), None)  # (checked at, why not ready)
 
     @classmethod
@@ -59,7 +62,9 @@ class Platform:
         metrics = Metrics()
         log = InvocationLog(keep=False, observers=[metrics.observe_invocation])
         gateway = _open_gateway(settings)
-        opener = partial(open_executor, gateway=gateway, log=log)
+        # Every engine's transport splits a hot function's calls over the replicas the scaler has seen ready.
+        ready = ReadyReplicas() if gateway is not None and settings.hot_replicas.enabled else None
+        opener = partial(open_executor, gateway=gateway, log=log, ready_replicas=ready)
 
         def load_model() -> SplitModel:
             return SplitModel.load(settings.model, settings.plan, opener)
@@ -91,11 +96,19 @@ class Platform:
             log.observers.append(idler.observe_invocation)
             if prewarmer is not None:  # a function the idler scaled down is no longer believed warm
                 idler.scaled_down.append(prewarmer.forget_warm)
+        scaler = None
+        if ready is not None:
+            names = [function.name for function in orchestrator.model.plan.functions]
+            scaler = ReplicaScaler(names, settings.hot_replicas, ready, metrics)
+            log.observers.append(scaler.observe_invocation)
+            if idler is not None:  # a function the idler scaled to zero has no replicas left to own or split over
+                idler.scaled_down.append(scaler.forget)
         writer = None
         if settings.routing_profile is not None:
             writer = ProfileWriter(settings.routing_profile, routing, settings.model_name,
                                    settings.routing_profile_interval_s)  # fmt: skip
-        return cls(settings, tenants, orchestrator, metrics, reconciler, routing, gateway, prewarmer, writer, idler)
+        return cls(settings, tenants, orchestrator, metrics, reconciler, routing, gateway, prewarmer, writer, idler,
+                   replica_scaler=scaler)  # fmt: skip
 
     @property
     def model(self) -> SplitModel:
@@ -112,14 +125,17 @@ class Platform:
             self.prewarmer.prewarm(tenant, prompt_tokens)
 
     def open(self) -> None:
-        """When the server starts: the reconciler, if reconciling, and the idler, if adaptive (both on the gateway
-        connection's loop), and the routing profile's periodic writes."""
+        """When the server starts: the reconciler, if reconciling, the idler, if adaptive, and the replica scaler,
+        if on (all on the gateway connection's loop), and the routing profile's periodic writes."""
         if self.gateway is not None and self.settings.reconcile:
             self._reconciling = self.gateway.submit(self.reconciler.run)
             self._reconciling.add_done_callback(partial(_log_if_failed, "the reconciler"))
         if self.gateway is not None and self.idler is not None:
             self._idling = self.gateway.submit(self.idler.run)
             self._idling.add_done_callback(partial(_log_if_failed, "the idler"))
+        if self.gateway is not None and self.replica_scaler is not None:
+            self._replicating = self.gateway.submit(self.replica_scaler.run)
+            self._replicating.add_done_callback(partial(_log_if_failed, "the replica scaler"))
         if self.profile_writer is not None:
             self.profile_writer.start()
 
@@ -154,8 +170,9 @@ class Platform:
         return self.metrics.render(self.orchestrator.active_sequences())
 
     async def close(self) -> None:
-        """When the server stops: the reconciler and the idler (the connection stays open until the engines stop)."""
-        for running in (self._reconciling, self._idling):
+        """When the server stops: the reconciler, the idler and the replica scaler (the connection stays open until
+        the engines stop)."""
+        for running in (self._reconciling, self._idling, self._replicating):
             if running is not None:
                 running.cancel()
 

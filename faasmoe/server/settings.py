@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from faasmoe.elastic.hot_replicas import HotReplicaSettings
 from faasmoe.elastic.keep_alive import KeepAliveMode, KeepAliveSettings
 from faasmoe.elastic.predictor import PredictorSettings
 from faasmoe.elastic.prewarm import PrewarmMode
@@ -67,6 +68,8 @@ class ServeSettings(BaseSettings):
     # Keep-alive (elastic/idler.py): scale a function to zero once idle for its own keep-alive, at most its label's.
     keep_alive: KeepAliveMode = Field(KeepAliveMode.ADAPTIVE, description="fixed or adaptive; no-op without a gateway")
     keep_alive_policy: KeepAliveSettings = Field(default_factory=KeepAliveSettings, description="adaptive's knobs")
+    # Hot replicas (elastic/hot_replicas.py): more replicas for a function whose calls queue, its rows split over them.
+    hot_replicas: HotReplicaSettings = Field(default_factory=HotReplicaSettings, description="no-op without a gateway")
 
     @model_validator(mode="after")
     def _functions_as_deploy_would(self) -> ServeSettings:

@@ -32,6 +32,7 @@ from faasmoe.errors import BadRequest, FaasmoeError
 from faasmoe.gateway.durations import DurationError, parse_positive_duration
 from faasmoe.gateway.schemas import (
     ANNOTATION_READY_PATH,
+    DEFAULT_SCALE_MAX,
     LABEL_SCALE_MAX,
     LABEL_SCALE_MIN,
     LABEL_SCALE_ZERO,
@@ -62,8 +63,6 @@ DEFAULT_ENV_PASSTHROUGH = (
 )
 # A 4096-token prefill of Qwen1.5-MoE (hidden 2048) in fp32 is 32 MiB of hidden states: twice that.
 DEFAULT_MAX_BODY_BYTES = 64 * MIB
-# What a function without com.openfaas.scale.max may grow to.
-DEFAULT_MAX_REPLICAS = 20
 # The only namespace of this gateway (OpenFaaS's default one).
 NAMESPACE = "openfaas-fn"
 
@@ -180,7 +179,7 @@ class ScalePolicy:
         """The policy of ``deployment``; a malformed label is a BadRequest naming it."""
         labels = deployment.labels
         min_replicas = _int_label(labels, LABEL_SCALE_MIN, 0)
-        max_replicas = _int_label(labels, LABEL_SCALE_MAX, DEFAULT_MAX_REPLICAS)
+        max_replicas = _int_label(labels, LABEL_SCALE_MAX, DEFAULT_SCALE_MAX)
         if max_replicas < 1 or min_replicas > max_replicas:
             raise BadRequest(
                 f"function {deployment.service!r}: need 0 <= {LABEL_SCALE_MIN} <= {LABEL_SCALE_MAX} "
