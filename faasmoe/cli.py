@@ -89,6 +89,14 @@ CostZeroDuration = Annotated[
 TokensPerSecond = Annotated[float | None, typer.Option(help="the load (default: the routing profile's)")]
 TokensPerStep = Annotated[int | None, typer.Option(help="a tenant's tokens per step (default 1)")]
 BaseMemoryMib = Annotated[int | None, typer.Option(help="a replica's memory besides its weights (default 384)")]
+CostMemory = Annotated[
+    str | None,
+    typer.Option(
+        "--memory",
+        help="billed: a warm function holds its shard + base, as a platform bills it (default); resident: its "
+        "base + the pages of its experts invoked within the keep-alive, as a node's PSS measures it",
+    ),
+]
 PLAN_ROUTING_PROFILE_HELP = "routing profile recorded by `faasmoe serve --routing-profile` (docs/deployment-cost.md)"
 
 
@@ -116,6 +124,7 @@ def export_command(
     tokens_per_second: TokensPerSecond = None,
     tokens_per_step: TokensPerStep = None,
     base_memory_mib: BaseMemoryMib = None,
+    memory: CostMemory = None,
 ) -> None:
     """Group the routed experts into functions: plan.json, one shard per function, the trunk weights."""
     from rich.progress import Progress
@@ -136,7 +145,7 @@ def export_command(
     costs = given(price_per_gb_s=price_per_gb_s, price_per_invocation=price_per_invocation,
                   price_per_cold_start=price_per_cold_start, cold_start_s=cold_start_s, zero_duration=zero_duration,
                   tokens_per_second=tokens_per_second, tokens_per_step=tokens_per_step,
-                  base_memory_mib=base_memory_mib)  # fmt: skip
+                  base_memory_mib=base_memory_mib, memory=memory)  # fmt: skip
     if routing_profile is None and (auto or chosen_grouping is Grouping.POPULARITY):
         raise BadOption("--grouping popularity and --experts-per-function auto need --routing-profile FILE")
     if costs and not auto:
@@ -182,6 +191,7 @@ def plan_cost_command(
     tokens_per_second: TokensPerSecond = None,
     tokens_per_step: TokensPerStep = None,
     base_memory_mib: BaseMemoryMib = None,
+    memory: CostMemory = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the estimates as one JSON list")] = False,
 ) -> None:
     """The cost model at a routing profile's load: the plan and every candidate grouping of its model, per hour."""
@@ -194,7 +204,8 @@ def plan_cost_command(
     settings = CostSettings(**given(price_per_gb_s=price_per_gb_s, price_per_invocation=price_per_invocation,
                                     price_per_cold_start=price_per_cold_start, cold_start_s=cold_start_s,
                                     zero_duration=zero_duration, tokens_per_second=tokens_per_second,
-                                    tokens_per_step=tokens_per_step, base_memory_mib=base_memory_mib))  # fmt: skip
+                                    tokens_per_step=tokens_per_step, base_memory_mib=base_memory_mib,
+                                    memory=memory))  # fmt: skip
     estimates = compare(plan, read_profile(routing_profile, plan.model), settings)
     if as_json:
         typer.echo(json.dumps([e.model_dump(mode="json") for e in estimates]))

@@ -56,7 +56,7 @@ from faasmoe.bench.wake import WakeFigures
 from faasmoe.bench.workload import Trace, TraceRequest, generate_trace, load_trace, tenant_domains
 from faasmoe.elastic.routing_profile import RoutingProfile
 from faasmoe.model.init_model import InitModelOptions, init_model
-from faasmoe.planning.cost import CostSettings, PlanEstimate, estimate
+from faasmoe.planning.cost import CostSettings, Memory, PlanEstimate, estimate
 from faasmoe.planning.grouping import Grouping
 from faasmoe.planning.plan import ModelShape, Plan
 from faasmoe.process import wait_until
@@ -490,7 +490,7 @@ def test_cost_model_follows_the_load_of_the_last_keep_alive() -> None:
     def figures(end: float) -> CostModelFigures:
         return cost_model_figures(plan, profile, settings, 10, trace, results, (keep_alive, end), measured)
 
-    cost = CostSettings(zero_duration="4500ms", base_memory_mib=10)
+    cost = CostSettings(zero_duration="4500ms", base_memory_mib=10, memory=Memory.RESIDENT)  # what the bench measures
     sparse = estimate(plan, profile, cost.model_copy(update={"tokens_per_second": 1 / keep_alive}))
     assert 1 < sparse.warm_functions < len(plan.functions) - 1, "a load at which the warm share is not saturated"
     busy = figures(45.0)

@@ -32,7 +32,7 @@ from faasmoe.planning.cost import (
 from faasmoe.planning.cost_table import CHOSEN, GIVEN, figure
 from faasmoe.planning.export import export
 from faasmoe.planning.grouping import Grouping
-from faasmoe.planning.plan import PLAN_FILE, ModelShape, Plan
+from faasmoe.planning.plan import PLAN_FILE, FunctionSpec, ModelShape, Plan
 from faasmoe.planning.profile import frozen_stats, popularity, read_profile, tenant_token_rates
 from faasmoe.planning.stack import LABEL_EXPERTS, StackSettings, function_labels, sized_plan
 from tests.reference import load_reference, reference_greedy, reference_logits
@@ -240,6 +240,32 @@ def test_the_cost_model_formulas(tmp_path):
     two = estimate(sized_plan(shape, 12, 2), profile, settings)
     assert two.functions == 1 and two.warm_functions == pytest.approx(1 - math.exp(-60 * 10.0 / 2))
     assert two.invocations_per_token == pytest.approx(2 / 2)  # each 2-token step calls it in both layers
+
+
+def test_resident_memory_counts_the_base_while_warm_and_each_expert_while_it_was_invoked_lately(tmp_path):
+    shape = tiny_shape()
+    profile = skewed_profile(shape, tmp_path / "profile.json")
+    plan = sized_plan(shape, 4, 1, Grouping.CONTIGUOUS)
+    billed = CostSettings(tokens_per_second=10.0, zero_duration="1m", base_memory_mib=1)
+    resident = billed.model_copy(update={"memory": "resident"})
+    got = estimate(plan, profile, resident)
+
+    rates = tenant_token_rates(profile, shape.num_experts_per_tok)
+    share = {tenant: rate / sum(rates.values()) for tenant, rate in rates.items()}
+    singles = Plan(model=shape, experts_per_function=1, layers_per_function=1, functions=[
+        FunctionSpec(name=f"x{layer}-{e}", shard="", layers=[layer], experts=[(layer, e)])
+        for f in plan.functions for layer, e in f.experts])  # fmt: skip
+    predictor, per_expert = PopularityPredictor(singles, frozen_stats(profile)), plan.functions[0].bytes / 4 / 1e9
+    touched = [1 - math.exp(-60 * sum(10.0 * share[t] * predictor.wake_probabilities(t, 1)[x.name] for t in rates))
+               for x in singles.functions]  # fmt: skip
+    base = got.warm_functions * (1 << 20) / 1e9
+    assert got.gb_s_per_hour == pytest.approx((base + per_expert * sum(touched)) * 3600, rel=1e-9)
+    # the same warm functions, cold starts and calls as billed; never more memory than a whole shard while warm
+    assert got.model_dump(exclude={"gb_s_per_hour", "cost_per_hour"}) == estimate(plan, profile, billed).model_dump(
+        exclude={"gb_s_per_hour", "cost_per_hour"}
+    )
+    assert got.gb_s_per_hour < estimate(plan, profile, billed).gb_s_per_hour
+    assert min(touched) < 0.5 < max(touched)  # the profile's cold experts are rarely resident, its hot ones are
 
 
 def test_a_steady_rate_is_read_back_from_the_profile():

@@ -6,8 +6,10 @@ The model prices a plan from a routing profile and a load; for a run the benchma
 - the keep-alive K: the functions' zero-duration label (--idle-timeout) plus half a gateway reaper period,
   the mean wait before the reaper sees a function idle. Adaptive keep-alive can stop functions sooner, and
   prewarming can wake functions no step then invokes: the model counts neither;
-- memory_f = the function's shard + a base: --base-memory-mib, or else a replica's PSS measured when every
-  function was woken before the trace (faasmoe/bench/wake.py), before any invocation touched its weights;
+- memory: resident (what the bench measures, PSS): a warm function's base, --base-memory-mib or else a
+  replica's PSS measured when every function was woken before the trace (faasmoe/bench/wake.py), before any
+  invocation touched its weights, plus the pages of each of its experts invoked within K (a replica maps
+  its shard and faults in only the experts it computes);
 - the load. The model's warm share of f, 1 - exp(-lambda_f K), is the chance that f was invoked in the last
   K seconds under Poisson arrivals, and it stays that chance for a load that varies when lambda_f K is the
   arrivals expected in those K seconds. So at every sample time t the model is asked at the rate of the
@@ -30,7 +32,7 @@ from faasmoe.bench.systems import REAPER_FRACTION
 from faasmoe.bench.wake import WakeFigures
 from faasmoe.bench.workload import Trace
 from faasmoe.elastic.routing_profile import RoutingProfile
-from faasmoe.planning.cost import HOUR_S, CostSettings, PlanEstimate, estimate
+from faasmoe.planning.cost import HOUR_S, CostSettings, Memory, PlanEstimate, estimate
 from faasmoe.planning.plan import Plan
 
 
@@ -65,7 +67,7 @@ def cost_model_figures(
     """``window``: (start, end) on the requests' clock; ``measured``: function GB-s, replica starts, invocations."""
     keep_alive_s = settings.idle_timeout * (1 + REAPER_FRACTION / 2)
     cost = CostSettings(price_per_gb_s=settings.price_per_gb_s, zero_duration=f"{round(keep_alive_s * 1000)}ms",
-                        base_memory_mib=base_mib)  # fmt: skip
+                        base_memory_mib=base_mib, memory=Memory.RESIDENT)  # fmt: skip
     cold_start = cost.cold_start_price(plan)  # measured cold starts cost what the model's do
     gb_s, replicas = _over_window(plan, profile, cost, routed_times(results), window, keep_alive_s,
                                   settings.sample_interval)  # fmt: skip

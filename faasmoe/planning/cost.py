@@ -11,6 +11,11 @@ probability that a step of n of t's tokens invokes function f in any of its laye
     calls_f      = sum_t r_t / n * sum_l P_t(f, l | n)         invocations/s (one per layer it serves)
     warm_f       = 1 - exp(-lambda_f K)                        share of time warm, Poisson arrivals, keep-alive K
     GB-s/h       = sum_f warm_f * memory_f * 3600              memory_f = shard + base_memory_mib (stack.py), GB = 1e9 B
+                                                               (``memory = billed``: what a platform bills a
+                                                               function sized to its shard)
+    GB-s/h       = (sum_f warm_f * base + sum_e touched_e * bytes_e) * 3600     (``memory = resident``)
+                   touched_e = 1 - exp(-lambda_e K): expert e's pages are resident, a replica maps its shard
+                   and faults in only the experts invoked (experts/shard.py); what PSS measures on one node
     colds/h      = sum_f lambda_f exp(-lambda_f K) * 3600      arrivals that find no arrival in the last K
     $/h          = GB-s/h * price_per_gb_s + colds/h * price_per_cold_start + calls/h * price_per_invocation
 
@@ -19,8 +24,9 @@ and invocations per token = sum_f calls_f / sum_t r_t. The defaults, and why, ar
 
 from __future__ import annotations
 
+import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from faasmoe.elastic.keep_alive import GB, KeepAliveSettings
 from faasmoe.elastic.predictor import PopularityPredictor, PredictorSettings
 from faasmoe.elastic.routing_profile import RoutingProfile, RoutingProfileError
+from faasmoe.elastic.routing_stats import RoutingStats
 from faasmoe.gateway.durations import PositiveDuration, parse_positive_duration
 from faasmoe.planning.grouping import Grouping
 from faasmoe.planning.plan import FunctionSpec, ModelShape, Plan
@@ -36,6 +43,11 @@ from faasmoe.planning.stack import BASE_MEMORY_MIB, StackSettings, memory_bytes,
 
 CE_FUNCTION_CAP = 15  # OpenFaaS Community Edition's functions per installation (docs/openfaas.md)
 HOUR_S = 3600.0
+
+
+class Memory(str, enum.Enum):
+    BILLED = "billed"  # a warm function holds its whole shard and base: a container sized to it
+    RESIDENT = "resident"  # a warm function holds its base and the pages of its experts invoked lately
 
 
 class CostSettings(BaseModel):
@@ -58,6 +70,7 @@ class CostSettings(BaseModel):
     tokens_per_second: float | None = Field(None, gt=0, description="the load; None: the profile's")
     tokens_per_step: int = Field(1, ge=1, description="a tenant's tokens per step (1: decode of one sequence)")
     base_memory_mib: int = Field(BASE_MEMORY_MIB, ge=0, description="a replica's memory besides its weights")
+    memory: Memory = Field(Memory.BILLED, description="billed: shard + base while warm; resident: touched pages")
     predictor: PredictorSettings = PredictorSettings()
 
     def cold_start_price(self, plan: Plan) -> float:
@@ -92,22 +105,24 @@ class PlanEstimate(BaseModel):
 def estimate(plan: Plan, profile: RoutingProfile, settings: CostSettings, given: bool = False) -> PlanEstimate:
     """The model's figures for ``plan`` at ``profile``'s load (or ``settings.tokens_per_second``)."""
     rates = token_rates(profile, plan.model.num_experts_per_tok, settings.tokens_per_second)
-    stats, n = frozen_stats(profile), settings.tokens_per_step
-    invoked = PopularityPredictor(plan, stats, settings.predictor)
-    layers, owner = _per_layer(plan)
-    invoked_in_layer = PopularityPredictor(layers, stats, settings.predictor)
-    arrivals = torch.zeros(len(plan.functions), dtype=torch.float64)  # lambda_f, steps/s
-    calls = torch.zeros(len(plan.functions), dtype=torch.float64)  # invocations/s
-    for tenant, rate in rates.items():
-        steps = rate / n
-        arrivals += steps * torch.tensor(list(invoked.wake_probabilities(tenant, n).values()), dtype=torch.float64)
-        per_layer = torch.tensor(list(invoked_in_layer.wake_probabilities(tenant, n).values()), dtype=torch.float64)
-        calls.index_add_(0, owner, steps * per_layer)
+    stats = frozen_stats(profile)
+    layers, owner = _pieces(plan, lambda pair: pair[0])
+    arrivals = _arrivals(plan, stats, settings, rates)  # lambda_f, steps/s
+    calls = torch.zeros(len(plan.functions), dtype=torch.float64).index_add_(  # invocations/s
+        0, owner, _arrivals(layers, stats, settings, rates)
+    )
     keep_alive = parse_positive_duration(settings.zero_duration)
-    stack = StackSettings(base_memory_mib=settings.base_memory_mib)
-    memory_gb = torch.tensor([memory_bytes(f.bytes, stack) / GB for f in plan.functions], dtype=torch.float64)
     warm = -torch.expm1(-arrivals * keep_alive)
-    gb_s_per_hour = float((warm * memory_gb).sum()) * HOUR_S
+    if settings.memory is Memory.BILLED:
+        stack = StackSettings(base_memory_mib=settings.base_memory_mib)
+        memory_gb = torch.tensor([memory_bytes(f.bytes, stack) / GB for f in plan.functions], dtype=torch.float64)
+        gb_s_per_hour = float((warm * memory_gb).sum()) * HOUR_S
+    else:
+        experts, expert_owner = _pieces(plan, lambda pair: pair)
+        touched = -torch.expm1(-_arrivals(experts, stats, settings, rates) * keep_alive)
+        expert_gb = torch.tensor([f.bytes / len(f.experts) / GB for f in plan.functions], dtype=torch.float64)
+        base_gb = settings.base_memory_mib * 2**20 / GB
+        gb_s_per_hour = float((warm * base_gb).sum() + (touched * expert_gb[expert_owner]).sum()) * HOUR_S
     cold_starts_per_hour = float((arrivals * torch.exp(-arrivals * keep_alive)).sum()) * HOUR_S
     invocations_per_hour = float(calls.sum()) * HOUR_S
     cold_start_price = settings.cold_start_price(plan)
@@ -190,14 +205,26 @@ def cheapest(estimates: list[PlanEstimate]) -> PlanEstimate:
     return min(estimates, key=lambda e: e.cost_per_hour)
 
 
-def _per_layer(plan: Plan) -> tuple[Plan, torch.Tensor]:
-    """The plan cut into one function per (function, layer), for per-layer invocation probabilities, and
-    the index of each piece's function."""
+def _arrivals(plan: Plan, stats: RoutingStats, settings: CostSettings, rates: dict[str, float]) -> torch.Tensor:
+    """Per function of ``plan``, the steps per second that invoke it, summed over the tenants' loads."""
+    predictor, n = PopularityPredictor(plan, stats, settings.predictor), settings.tokens_per_step
+    arrivals = torch.zeros(len(plan.functions), dtype=torch.float64)
+    for tenant, rate in rates.items():
+        arrivals += rate / n * torch.tensor(list(predictor.wake_probabilities(tenant, n).values()), dtype=torch.float64)
+    return arrivals
+
+
+def _pieces(plan: Plan, key: Callable[[tuple[int, int]], object]) -> tuple[Plan, torch.Tensor]:
+    """The plan cut into one function per (function, ``key`` of its (layer, expert) pairs): per layer, for
+    per-layer invocation probabilities, or per expert; and the index of each piece's function."""
     pieces, owner = [], []
     for index, function in enumerate(plan.functions):
-        for layer in function.layers:
-            experts = [pair for pair in function.experts if pair[0] == layer]
-            pieces.append(FunctionSpec(name=f"{function.name}/{layer}", shard="", layers=[layer], experts=experts))
+        groups: dict[object, list[tuple[int, int]]] = {}
+        for pair in function.experts:
+            groups.setdefault(key(pair), []).append(pair)
+        for number, experts in enumerate(groups.values()):
+            layers = sorted({layer for layer, _ in experts})
+            pieces.append(FunctionSpec(name=f"{function.name}/{number}", shard="", layers=layers, experts=experts))
             owner.append(index)
     view = Plan(model=plan.model, experts_per_function=plan.experts_per_function, layers_per_function=1,
                 grouping=plan.grouping, functions=pieces)  # fmt: skip
