@@ -14,13 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 from faasmoe.cli import app
-from faasmoe.dispatch.executor import open_executor
 from faasmoe.elastic.predictor import PopularityPredictor
 from faasmoe.elastic.routing_profile import RoutingProfile
 from faasmoe.elastic.routing_stats import RoutingStats
-from faasmoe.model.generate import generate
-from faasmoe.model.sampling import SamplingParams
-from faasmoe.model.split_model import SplitModel
 from faasmoe.planning.cost import (
     CostSettings,
     PlanEstimate,
@@ -35,8 +31,7 @@ from faasmoe.planning.grouping import Grouping
 from faasmoe.planning.plan import PLAN_FILE, FunctionSpec, ModelShape, Plan
 from faasmoe.planning.profile import frozen_stats, popularity, read_profile, tenant_token_rates
 from faasmoe.planning.stack import LABEL_EXPERTS, StackSettings, function_labels, sized_plan
-from tests.reference import load_reference, reference_greedy, reference_logits
-from tests.test_split_exactness import FP32_TOLERANCE, NEW_TOKENS, prompts_for, split_logits
+from tests.test_split_exactness import check_fp32_plan
 
 # The tiny preset: 2 MoE layers (0, 1) of 12 experts, top-4. Alpha routes to four experts per layer only;
 # beta a little to two others, so popularity is summed over tenants.
@@ -70,18 +65,6 @@ def faasmoe(*args: object) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "faasmoe.cli", *map(str, args)], capture_output=True, text=True, timeout=300
     )
-
-
-def assert_exact(model_dir: Path, plan_dir: Path) -> None:
-    """fp32 logits within 1e-5 of transformers' and the same greedy tokens (as tests/test_split_exactness.py)."""
-    reference = load_reference(model_dir)
-    split = SplitModel.load(model_dir, plan_dir, open_executor)
-    prompts = prompts_for(split.vocab_size, [9, 4, 13])
-    for ours, theirs in zip(split_logits(split, prompts), reference_logits(reference, prompts), strict=True):
-        assert ours.shape == theirs.shape
-        assert (ours - theirs).abs().max().item() <= FP32_TOLERANCE
-    expected = reference_greedy(reference, prompts, NEW_TOKENS)
-    assert generate(split.trunk, prompts, SamplingParams(max_new_tokens=NEW_TOKENS)) == expected
 
 
 def test_contiguous_plans_keep_their_names_and_experts():
@@ -132,7 +115,7 @@ def test_popularity_plans_are_exact(tiny_fp32, tmp_path, experts_per_function, l
     plan = Plan.load(tmp_path / "plan")
     assert plan.grouping is Grouping.POPULARITY
     assert plan.functions[0].experts == FIRST_FUNCTION[(experts_per_function, layers_per_function)]
-    assert_exact(tiny_fp32, tmp_path / "plan")
+    check_fp32_plan(tiny_fp32, tmp_path / "plan")
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
@@ -177,7 +160,7 @@ def test_auto_exports_the_cheapest_candidate_and_prints_the_models_figures(tiny_
     for e in estimates:
         assert rows[e.name] == printed(e, best)
     assert f"{len(plan.functions)} functions (popularity, {best.experts_per_function} experts x 1 layer(s)" in summary
-    assert_exact(tiny_fp32, tmp_path / "plan")
+    check_fp32_plan(tiny_fp32, tmp_path / "plan")
 
 
 def test_plan_cost_prints_the_given_plan_and_every_candidate(tiny_fp32, tmp_path):

@@ -34,10 +34,16 @@ def split_logits(split: SplitModel, prompts: list[list[int]]) -> list[torch.Tens
 
 
 def check_fp32_split(model_dir: Path, plan_dir: Path, experts_per_function: int, layers_per_function: int = 1) -> None:
-    """Split fp32 logits within FP32_TOLERANCE of transformers' and the same greedy tokens, for prompts of
-    different lengths in one step (the reference pads them)."""
+    """Exports a contiguous plan of the given granularity and checks it (check_fp32_plan)."""
+    export(model_dir, plan_dir, experts_per_function, layers_per_function)
+    check_fp32_plan(model_dir, plan_dir)
+
+
+def check_fp32_plan(model_dir: Path, plan_dir: Path) -> None:
+    """The exported plan's fp32 logits within FP32_TOLERANCE of transformers' and the same greedy tokens, for
+    prompts of different lengths in one step (the reference pads them)."""
     reference = load_reference(model_dir)
-    split = split_model(model_dir, plan_dir, experts_per_function, layers_per_function)
+    split = SplitModel.load(model_dir, plan_dir, open_executor)
     prompts = prompts_for(split.vocab_size, [9, 4, 13])
     for ours, theirs in zip(split_logits(split, prompts), reference_logits(reference, prompts), strict=True):
         assert ours.shape == theirs.shape
