@@ -65,18 +65,19 @@ class RoutingProfile(BaseModel):
         return {tenant: torch.tensor(rows, dtype=torch.float64) for tenant, rows in self.tenants.items()}
 
 
-def load_profile(path: Path, stats: RoutingStats, model: str) -> bool:
-    """Restores ``path`` into the (fresh) ``stats``; False when there is no usable profile there.
+class UnreadableProfile(RoutingProfileError):
+    """The file is not a profile: not text, not JSON, or malformed."""
 
-    Raises RoutingProfileError for another model's profile or a newer version.
-    """
+
+def read_profile_file(path: Path) -> RoutingProfile:
+    """The profile in ``path``. Raises FileNotFoundError, UnreadableProfile, or RoutingProfileError for a
+    version this faasmoe does not read; whose model it is, the caller checks."""
     try:
         document = json.loads(path.read_text())
     except FileNotFoundError:
-        return False
+        raise
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
-        log.warning("routing profile %s is unreadable, starting with fresh routing statistics: %s", path, exc)
-        return False
+        raise UnreadableProfile(f"routing profile {path} is unreadable: {exc}") from None
     version = document.get("version") if isinstance(document, dict) else None
     if isinstance(version, int) and version > PROFILE_VERSION:
         raise RoutingProfileError(
@@ -84,9 +85,22 @@ def load_profile(path: Path, stats: RoutingStats, model: str) -> bool:
             "upgrade faasmoe or point --routing-profile elsewhere"
         )
     try:
-        profile = RoutingProfile.model_validate(document)
+        return RoutingProfile.model_validate(document)
     except ValidationError as exc:
-        log.warning("routing profile %s is corrupt, starting with fresh routing statistics: %s", path, exc)
+        raise UnreadableProfile(f"routing profile {path} is malformed: {exc}") from None
+
+
+def load_profile(path: Path, stats: RoutingStats, model: str) -> bool:
+    """Restores ``path`` into the (fresh) ``stats``; False when there is no usable profile there.
+
+    Raises RoutingProfileError for another model's profile or a newer version.
+    """
+    try:
+        profile = read_profile_file(path)
+    except FileNotFoundError:
+        return False
+    except UnreadableProfile as exc:  # a cache: serving goes on without it
+        log.warning("%s; starting with fresh routing statistics", exc)
         return False
     made_for = (profile.model, profile.moe_layers, profile.num_experts)
     serving = (model, stats.moe_layers, stats.num_experts)

@@ -7,14 +7,12 @@ is what the user asked for, so here a missing, corrupt or other model's profile 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
-from faasmoe.elastic.routing_profile import PROFILE_VERSION, RoutingProfile, RoutingProfileError
+from faasmoe.elastic.routing_profile import RoutingProfile, RoutingProfileError, read_profile_file
 from faasmoe.elastic.routing_stats import RoutingStats
 from faasmoe.planning.plan import ModelShape
 
@@ -22,22 +20,11 @@ from faasmoe.planning.plan import ModelShape
 def read_profile(path: Path, shape: ModelShape) -> RoutingProfile:
     """The profile at ``path``; raises RoutingProfileError unless it is a readable profile of ``shape``'s model."""
     try:
-        document = json.loads(path.read_text())
+        profile = read_profile_file(path)
     except FileNotFoundError:
         raise RoutingProfileError(
             f"routing profile {path} does not exist: record one with `faasmoe serve --routing-profile {path}`"
         ) from None
-    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
-        raise RoutingProfileError(f"routing profile {path} is unreadable: {exc}") from None
-    version = document.get("version") if isinstance(document, dict) else None
-    if isinstance(version, int) and version > PROFILE_VERSION:
-        raise RoutingProfileError(
-            f"routing profile {path} is version {version}; this faasmoe reads version {PROFILE_VERSION}"
-        )
-    try:
-        profile = RoutingProfile.model_validate(document)
-    except ValidationError as exc:
-        raise RoutingProfileError(f"routing profile {path} is malformed: {exc}") from None
     made_for = (profile.moe_layers, profile.num_experts)
     model = (shape.moe_layers, shape.num_experts)
     if made_for != model:
