@@ -1,6 +1,7 @@
 """A warm decode step at depth: experts in-process (`local`) against the same split through the embedded
-gateway, with every call through the gateway (`gateway`, `--no-direct-replicas`) and with calls straight
-to the warm replicas the gateway named (`direct`, the default).
+gateway, with every call through the gateway (`gateway`, `--no-direct-replicas`), with calls straight
+to the warm replicas the gateway named (`direct`, the default), and direct with two micro-batches per step
+(`overlap`: one half's routed experts in flight while the other half computes; batch 1 cannot split).
 
 Model: qwen1.5-bench shapes (hidden 2048, 60 experts top-4, moe_intermediate 1408, bf16) with
 ``--layers`` MoE layers (default 6), random weights, built once under ``--work``. The plan has
@@ -68,8 +69,11 @@ def median_step_ms(model: SplitModel, batch: int, steps: int) -> float:
     return statistics.median(times) * 1000
 
 
-def measure(model_dir: Path, plan_dir: Path, executor: OpenExecutor, batches: list[int], steps: int) -> dict:
+def measure(
+    model_dir: Path, plan_dir: Path, executor: OpenExecutor, batches: list[int], steps: int, micro_batches: int = 1
+) -> dict:
     model = SplitModel.load(model_dir, plan_dir, executor)
+    model.trunk.micro_batches = micro_batches
     try:
         median_step_ms(model, 1, 2)  # every function warm, every buffer allocated
         return {batch: median_step_ms(model, batch, steps) for batch in batches}
@@ -101,23 +105,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
+    parser.add_argument("--function-threads", type=int, default=None, help="torch threads per replica (--threads)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir, plan_dir = prepare(args.work, args.layers, args.experts_per_function)
 
-    def run(executor: OpenExecutor) -> dict:
-        return measure(model_dir, plan_dir, executor, args.batches, args.steps)
+    def run(executor: OpenExecutor, micro_batches: int = 1) -> dict:
+        return measure(model_dir, plan_dir, executor, args.batches, args.steps, micro_batches)
 
     rounds = []
     for index in range(args.rounds):
         local = run(open_executor)
-        gateway = through_gateway(model_dir, plan_dir, args.threads, False, run)
-        direct = through_gateway(model_dir, plan_dir, args.threads, True, run)
-        rounds.append({"local": local, "gateway": gateway, "direct": direct})
+        function_threads = args.function_threads or args.threads
+        gateway = through_gateway(model_dir, plan_dir, function_threads, False, run)
+        direct = through_gateway(model_dir, plan_dir, function_threads, True, run)
+        overlap = through_gateway(model_dir, plan_dir, function_threads, True, partial(run, micro_batches=2))
+        rounds.append({"local": local, "gateway": gateway, "direct": direct, "overlap": overlap})
         for batch in args.batches:
             print(f"round {index + 1} batch {batch}: local {local[batch]:.1f} ms, gateway {gateway[batch]:.1f} ms "
                   f"({gateway[batch] / local[batch]:.2f}x), direct {direct[batch]:.1f} ms "
-                  f"({direct[batch] / local[batch]:.2f}x)", flush=True)  # fmt: skip
+                  f"({direct[batch] / local[batch]:.2f}x), overlap {overlap[batch]:.1f} ms "
+                  f"({overlap[batch] / local[batch]:.2f}x)", flush=True)  # fmt: skip
     result = {
         "model": f"qwen1.5-bench, {args.layers} MoE layers",
         "experts_per_function": args.experts_per_function,

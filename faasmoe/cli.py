@@ -37,6 +37,9 @@ REPLICA_QUEUE_TARGET_HELP = (
     "add a replica to a function whose calls wait longer than this (ms, mean) in its replicas, up to its "
     "com.openfaas.scale.max, and split its rows over them (default 100; 0 or off: never)"
 )
+MICRO_BATCHES_HELP = (
+    "2: split each step in two, one half's routed experts in flight while the other half computes (default 1)"
+)
 REPLICA_SCALE_IN_DELAY_HELP = "seconds of low queueing before a replica added for it is taken back (default 60)"
 
 
@@ -404,6 +407,7 @@ def serve_command(
     mode: Annotated[str | None, typer.Option(help="shared (one control plane) or private (one per tenant)")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="model id in /v1/models (default: folder name)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    micro_batches: Annotated[int | None, typer.Option(help=MICRO_BATCHES_HELP)] = None,
     metrics_key: Annotated[
         str | None, typer.Option(help="Bearer key opening /metrics (or FAASMOE_SERVE_METRICS_KEY; default: off)")
     ] = None,
@@ -441,7 +445,8 @@ def serve_command(
     serve(ServeSettings(**given(model=model, plan=plan, tenants=tenants, gateway=gateway,
                                 gateway_basic_auth=gateway_basic_auth, host=host, port=port, mode=mode,
                                 served_model_name=served_model_name, threads=threads, reconcile=reconcile,
-                                reconcile_interval_s=reconcile_interval, functions=functions or None,
+                                micro_batches=micro_batches, reconcile_interval_s=reconcile_interval,
+                                functions=functions or None,
                                 metrics_key=metrics_key, max_body_bytes=max_body_bytes, prewarm=prewarm,
                                 prewarm_threshold=prewarm_threshold, routing_profile=routing_profile,
                                 routing_profile_interval_s=routing_profile_interval,

@@ -127,13 +127,15 @@ def test_concurrent_tenants_get_exactly_their_tokens_alone_and_transformers(stac
                               "total_tokens": len(p) + NEW_TOKENS}
                for r, p in zip(alone, PROMPTS, strict=True))  # fmt: skip
 
-    async def together() -> list[list[int]]:
-        async with httpx.AsyncClient(base_url=stack.server.url, timeout=120, trust_env=False) as client:
-            calls = [client.post("/v1/completions", json=completion_body(p), headers={"Authorization": f"Bearer {k}"})
-                     for k in KEYS.values() for p in PROMPTS]  # fmt: skip
-            return [r.json()["choices"][0]["token_ids"] for r in await asyncio.gather(*calls)]
+    assert asyncio.run(every_tenant_at_once(stack.server.url)) == alone_ids * len(KEYS)
 
-    assert asyncio.run(together()) == alone_ids * len(KEYS)
+
+async def every_tenant_at_once(url: str) -> list[list[int]]:
+    """Every tenant's completions of every prompt, all in flight together: the token ids of each."""
+    async with httpx.AsyncClient(base_url=url, timeout=120, trust_env=False) as client:
+        calls = [client.post("/v1/completions", json=completion_body(p), headers={"Authorization": f"Bearer {k}"})
+                 for k in KEYS.values() for p in PROMPTS]  # fmt: skip
+        return [r.json()["choices"][0]["token_ids"] for r in await asyncio.gather(*calls)]
 
 
 def test_streamed_tokens_equal_the_whole_response(stack: Stack):
@@ -371,3 +373,11 @@ def test_private_mode_gives_the_same_tokens(stack: Stack):
         page = read_metrics(private.url)
         assert metric(page, "faasmoe_step_tokens_count", engine="alpha") >= 1
         assert metric(page, "faasmoe_step_tokens_count", engine="beta") >= 1
+
+
+def test_two_micro_batches_give_every_tenant_the_transformers_tokens(stack: Stack):
+    args = [*stack.args, "--micro-batches", "2"]
+    expected = reference_greedy(load_reference(stack.model), PROMPTS, NEW_TOKENS)
+    with ServeProcess(args=args, log_path=stack.work / "serve-micro.log") as server:
+        # concurrent requests: steps of several sequences, each split in two
+        assert asyncio.run(every_tenant_at_once(server.url)) == expected * len(KEYS)

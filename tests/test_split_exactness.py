@@ -39,11 +39,12 @@ def check_fp32_split(model_dir: Path, plan_dir: Path, experts_per_function: int,
     check_fp32_plan(model_dir, plan_dir)
 
 
-def check_fp32_plan(model_dir: Path, plan_dir: Path) -> None:
+def check_fp32_plan(model_dir: Path, plan_dir: Path, micro_batches: int = 1) -> None:
     """The exported plan's fp32 logits within FP32_TOLERANCE of transformers' and the same greedy tokens, for
-    prompts of different lengths in one step (the reference pads them)."""
+    prompts of different lengths in one step (the reference pads them), the step in ``micro_batches``."""
     reference = load_reference(model_dir)
     split = SplitModel.load(model_dir, plan_dir, open_executor)
+    split.trunk.micro_batches = micro_batches
     prompts = prompts_for(split.vocab_size, [9, 4, 13])
     for ours, theirs in zip(split_logits(split, prompts), reference_logits(reference, prompts), strict=True):
         assert ours.shape == theirs.shape

@@ -107,6 +107,11 @@ class SplitMoeBlock(nn.Module):
         self.lookahead: LookaheadHook | None = None  # wakes the next layer's functions early (elastic/lookahead.py)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.start(hidden_states).finish()
+
+    def start(self, hidden_states: torch.Tensor) -> PendingMoe:
+        """Routes [B, L, H], sends the routed experts off and computes the shared expert while they run; the
+        trunk can compute another micro-batch before it waits (``finish``)."""
         B, L, H = hidden_states.shape
         x = hidden_states.view(-1, H)  # [T, H]
         _, weights, expert_ids = self.gate(x)  # [T, K] each
@@ -122,7 +127,22 @@ class SplitMoeBlock(nn.Module):
             shared = F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         else:
             shared = None if self.shared_experts is None else self.shared_experts(x)
+        self.routed_time.add(submitted - started, 0.0)
+        return PendingMoe(routed, shared, hidden_states.shape, self.routed_time)
+
+
+@dataclass(frozen=True)
+class PendingMoe:
+    """A started MoE block: its routed experts in flight, its shared expert's output [T, H] (None: it has none)."""
+
+    routed: Future[torch.Tensor]
+    shared: torch.Tensor | None
+    shape: torch.Size  # [B, L, H]
+    routed_time: RoutedTime
+
+    def finish(self) -> torch.Tensor:
+        """Waits for the routed experts (raising FunctionFailed) and combines: [B, L, H]."""
         waiting = time.perf_counter()
-        routed_sum = routed.result()  # [T, H]
-        self.routed_time.add(submitted - started, time.perf_counter() - waiting)
-        return (routed_sum if shared is None else routed_sum + shared).view(B, L, H)
+        routed_sum = self.routed.result()  # [T, H]
+        self.routed_time.add(0.0, time.perf_counter() - waiting)
+        return (routed_sum if self.shared is None else routed_sum + self.shared).view(self.shape)

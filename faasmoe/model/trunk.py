@@ -11,6 +11,7 @@ Shape legend: N new tokens of all sequences in a step, H hidden, V vocabulary.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from faasmoe.errors import CheckpointError
 from faasmoe.model.attention import SequenceSlice, batched_attention
 from faasmoe.model.checkpoint import Checkpoint
 from faasmoe.model.families import MoeFamily
-from faasmoe.model.moe_block import ExpertExecutor, LookaheadHook, RoutingObserver, SplitMoeBlock
+from faasmoe.model.moe_block import ExpertExecutor, LookaheadHook, PendingMoe, RoutingObserver, SplitMoeBlock
 from faasmoe.planning.digest import verify_sha256
 
 # The masks of each kind of attention layer (transformers' layer_types), as the families' models make them.
@@ -47,6 +48,8 @@ class Trunk:
         self.model = model
         self.config = model.config
         self.layer_kinds = attention_kinds(self.config)
+        # 2: dual-batch overlap (Trunk.step). 1 keeps transformers' row batching, so bf16 stays bit-identical.
+        self.micro_batches = 1
 
     @classmethod
     def load(
@@ -104,10 +107,13 @@ class Trunk:
 
     @torch.inference_mode()
     def step(self, sequences: list[SequenceState], all_logits: bool = False) -> list[torch.Tensor]:
-        """Runs every sequence's new tokens through the model in one batch of MoE calls per layer.
+        """Runs every sequence's new tokens through the model in one batch of MoE calls per layer and
+        micro-batch (``micro_batches``).
 
         Returns per sequence the logits [V] of its last new token, or [n_i, V] of all of them.
-        Attention attends per sequence over its own cache; everything else runs on all N tokens at once.
+        Attention attends per sequence over its own cache; everything else runs on a micro-batch's tokens at
+        once. With two micro-batches, one's routed experts are in flight while the other's attention and
+        shared expert compute (dual-batch overlap); each micro-batch then makes its own calls.
         """
         inner = self.model.model
         lengths = [len(s.new_tokens) for s in sequences]
@@ -115,25 +121,31 @@ class Trunk:
             raise ValueError("every sequence in a step needs at least one new token")
         ids = torch.tensor([t for s in sequences for t in s.new_tokens], dtype=torch.long)
         hidden = inner.embed_tokens(ids)  # [N, H]
-        spans, start = [], 0
-        for n in lengths:
-            spans.append(slice(start, start + n))
-            start += n
-        slices = [self._slices(seq, span, hidden) for seq, span in zip(sequences, spans, strict=True)]
-        by_kind = {kind: [s[kind] for s in slices] for kind in slices[0]}
+        micro = [
+            MicroBatch(hidden[rows], [self._slices(sequences[i], span, hidden[rows]) for i, span in parts])
+            for rows, parts in _micro_batches(lengths, self.micro_batches)
+        ]
         for layer, kind in zip(inner.layers, self.layer_kinds, strict=True):
-            hidden = hidden + batched_attention(layer.self_attn, layer.input_layernorm(hidden), by_kind[kind])
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden)[None])[0]
-        hidden = inner.norm(hidden)  # [N, H]
+            for batch in micro:  # finishing its previous layer first: the other's experts are still in flight
+                batch.finish_mlp()
+                batch.hidden = batch.hidden + batched_attention(
+                    layer.self_attn, layer.input_layernorm(batch.hidden), batch.attention[kind]
+                )
+                batch.start_mlp(layer)
+        for batch in micro:
+            batch.finish_mlp()
+        hidden = inner.norm(torch.cat([batch.hidden for batch in micro]))  # [N, H]
         for seq in sequences:
             seq.new_tokens = []
+        spans = _spans(lengths)
         if all_logits:
             return [self.model.lm_head(hidden[span]) for span in spans]
         last = torch.tensor([span.stop - 1 for span in spans])
         return list(self.model.lm_head(hidden[last]))  # B x [V]
 
     def _slices(self, seq: SequenceState, span: slice, hidden: torch.Tensor) -> dict[str, SequenceSlice]:
-        """The sequence's attention inputs for each kind of layer the model has, before its cache grows."""
+        """The sequence's attention inputs for each kind of layer the model has, before its cache grows;
+        ``span`` is its rows of ``hidden``."""
         embeds = hidden[None, span]  # [1, n, H]
         positions = torch.arange(seq.length, seq.length + embeds.shape[1])[None]  # [1, n]
         cos_sin = self.model.model.rotary_emb(embeds, positions)
@@ -144,6 +156,53 @@ class Trunk:
             )
             slices[kind] = SequenceSlice(span, seq.cache, cos_sin, mask, position_ids=positions)
         return slices
+
+
+class MicroBatch:
+    """Some of a step's sequences, through the layers together: their hidden states [N_m, H], their attention
+    inputs (one dict of kinds per sequence, spans in these rows) and the MLP started and not yet added."""
+
+    def __init__(self, hidden: torch.Tensor, slices: list[dict[str, SequenceSlice]]) -> None:
+        self.hidden = hidden
+        self.attention = {kind: [s[kind] for s in slices] for kind in slices[0]}
+        self.pending: PendingMoe | torch.Tensor | None = None
+
+    def start_mlp(self, layer: torch.nn.Module) -> None:
+        x = layer.post_attention_layernorm(self.hidden)[None]  # [1, N_m, H]
+        self.pending = layer.mlp.start(x) if isinstance(layer.mlp, SplitMoeBlock) else layer.mlp(x)
+
+    def finish_mlp(self) -> None:
+        if self.pending is None:
+            return
+        out = self.pending.finish() if isinstance(self.pending, PendingMoe) else self.pending
+        self.hidden = self.hidden + out[0]
+        self.pending = None
+
+
+def _spans(lengths: list[int]) -> list[slice]:
+    """Each sequence's rows of the step's tokens, in order."""
+    spans, start = [], 0
+    for n in lengths:
+        spans.append(slice(start, start + n))
+        start += n
+    return spans
+
+
+def _micro_batches(lengths: list[int], count: int) -> list[tuple[slice, list[tuple[int, slice]]]]:
+    """Up to ``count`` runs of whole sequences with about equal tokens: per run, its rows of the step's tokens
+    and (sequence index, its rows within the run) for each of its sequences."""
+    total, bounds, rows = sum(lengths), [0], 0
+    for index, n in enumerate(lengths[:-1]):
+        rows += n
+        if len(bounds) < count and rows >= total * len(bounds) / count:
+            bounds.append(index + 1)  # the next run starts at this sequence
+    bounds.append(len(lengths))
+    runs, start = [], 0
+    for first, end in itertools.pairwise(bounds):
+        spans = _spans(lengths[first:end])
+        runs.append((slice(start, start + spans[-1].stop), list(zip(range(first, end), spans, strict=True))))
+        start += spans[-1].stop
+    return runs
 
 
 def attention_kinds(config: PretrainedConfig) -> list[str]:

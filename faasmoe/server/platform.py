@@ -67,7 +67,9 @@ class Platform:
         opener = partial(open_executor, gateway=gateway, log=log, ready_replicas=ready)
 
         def load_model() -> SplitModel:
-            return SplitModel.load(settings.model, settings.plan, opener)
+            model = SplitModel.load(settings.model, settings.plan, opener)
+            model.trunk.micro_batches = settings.micro_batches
+            return model
 
         orchestrator = None
         try:

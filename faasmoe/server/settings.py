@@ -50,6 +50,9 @@ class ServeSettings(BaseSettings):
     metrics_key: SecretStr | None = Field(None, min_length=8, description="Bearer key opening /metrics; None: off")
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default")
+    micro_batches: int = Field(
+        1, ge=1, le=4, description="2: one half's routed experts in flight while the other half computes (Trunk.step)"
+    )
     log_level: str = "info"
     shutdown_grace_s: float = Field(10.0, ge=0, description="on SIGTERM/SIGINT, for in-flight requests to finish")
     # Reconciliation: the control plane keeps the gateway's functions as its plan says (server/reconciler.py).
