@@ -106,12 +106,9 @@ class SplitMoeBlock(nn.Module):
         self.observer: RoutingObserver | None = None  # routing statistics (faasmoe/elastic), when on
         self.lookahead: LookaheadHook | None = None  # wakes the next layer's functions early (elastic/lookahead.py)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.start(hidden_states).finish()
-
-    def start(self, hidden_states: torch.Tensor) -> PendingMoe:
+    def forward(self, hidden_states: torch.Tensor) -> PendingMoe:
         """Routes [B, L, H], sends the routed experts off and computes the shared expert while they run; the
-        trunk can compute another micro-batch before it waits (``finish``)."""
+        trunk can compute another micro-batch before it waits (``PendingMoe.finish``)."""
         B, L, H = hidden_states.shape
         x = hidden_states.view(-1, H)  # [T, H]
         _, weights, expert_ids = self.gate(x)  # [T, K] each

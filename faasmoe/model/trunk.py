@@ -169,7 +169,7 @@ class MicroBatch:
 
     def start_mlp(self, layer: torch.nn.Module) -> None:
         x = layer.post_attention_layernorm(self.hidden)[None]  # [1, N_m, H]
-        self.pending = layer.mlp.start(x) if isinstance(layer.mlp, SplitMoeBlock) else layer.mlp(x)
+        self.pending = layer.mlp(x)  # a SplitMoeBlock's experts are in flight, a dense MLP's output is here
 
     def finish_mlp(self) -> None:
         if self.pending is None:
