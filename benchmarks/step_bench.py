@@ -113,10 +113,10 @@ def main() -> None:
     def run(executor: OpenExecutor, micro_batches: int = 1) -> dict:
         return measure(model_dir, plan_dir, executor, args.batches, args.steps, micro_batches)
 
+    function_threads = args.function_threads or args.threads
     rounds = []
     for index in range(args.rounds):
         local = run(open_executor)
-        function_threads = args.function_threads or args.threads
         gateway = through_gateway(model_dir, plan_dir, function_threads, False, run)
         direct = through_gateway(model_dir, plan_dir, function_threads, True, run)
         overlap = through_gateway(model_dir, plan_dir, function_threads, True, partial(run, micro_batches=2))

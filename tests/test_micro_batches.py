@@ -15,7 +15,7 @@ from faasmoe.model.generate import generate
 from faasmoe.model.moe_block import ExpertExecutor, RoutedTokens
 from faasmoe.model.sampling import SamplingParams
 from faasmoe.model.split_model import SplitModel
-from faasmoe.model.trunk import _micro_batches
+from faasmoe.model.trunk import _runs, _spans
 from faasmoe.planning.export import export
 from tests.reference import load_reference, reference_greedy, reference_logits
 from tests.test_remote_e2e import PROMPTS, deploy, remote_model
@@ -25,14 +25,14 @@ NEW_TOKENS = 8
 
 
 def test_micro_batches_are_runs_of_whole_sequences_with_about_equal_tokens():
-    runs = _micro_batches([9, 4, 13], 2)
-    assert [rows for rows, _ in runs] == [slice(0, 13), slice(13, 26)]
-    assert [[index for index, _ in parts] for _, parts in runs] == [[0, 1], [2]]
-    assert runs[0][1][1] == (1, slice(9, 13)) and runs[1][1][0] == (2, slice(0, 13))  # rows within the run
-    decode = _micro_batches([1] * 6, 2)
-    assert [rows for rows, _ in decode] == [slice(0, 3), slice(3, 6)]
-    assert len(_micro_batches([1] * 6, 1)) == 1
-    assert len(_micro_batches([5], 2)) == 1  # one sequence is never split
+    lengths = [9, 4, 13]
+    runs = _runs(lengths, 2)
+    assert runs == [range(0, 2), range(2, 3)]
+    assert [sum(lengths[i] for i in run) for run in runs] == [13, 13]  # rows 0:13 and 13:26 of the step
+    assert _spans([lengths[i] for i in runs[0]]) == [slice(0, 9), slice(9, 13)]  # rows within the run
+    assert _runs([1] * 6, 2) == [range(0, 3), range(3, 6)]
+    assert _runs([1] * 6, 1) == [range(0, 6)]
+    assert _runs([5], 2) == [range(0, 1)]  # one sequence is never split
 
 
 @pytest.mark.parametrize("model", ["tiny_fp32", "mixed_fp32"])  # mixed: dense MLP layers between the MoE ones

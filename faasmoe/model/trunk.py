@@ -121,10 +121,11 @@ class Trunk:
             raise ValueError("every sequence in a step needs at least one new token")
         ids = torch.tensor([t for s in sequences for t in s.new_tokens], dtype=torch.long)
         hidden = inner.embed_tokens(ids)  # [N, H]
-        micro = [
-            MicroBatch(hidden[rows], [self._slices(sequences[i], span, hidden[rows]) for i, span in parts])
-            for rows, parts in _micro_batches(lengths, self.micro_batches)
-        ]
+        micro, start = [], 0
+        for run in _runs(lengths, self.micro_batches):
+            tokens = sum(lengths[run.start : run.stop])
+            micro.append(self._micro_batch([sequences[i] for i in run], hidden[start : start + tokens]))
+            start += tokens
         for layer, kind in zip(inner.layers, self.layer_kinds, strict=True):
             for batch in micro:  # finishing its previous layer first: the other's experts are still in flight
                 batch.finish_mlp()
@@ -142,6 +143,11 @@ class Trunk:
             return [self.model.lm_head(hidden[span]) for span in spans]
         last = torch.tensor([span.stop - 1 for span in spans])
         return list(self.model.lm_head(hidden[last]))  # B x [V]
+
+    def _micro_batch(self, sequences: list[SequenceState], hidden: torch.Tensor) -> MicroBatch:
+        """Consecutive sequences of the step as one micro-batch; ``hidden`` [N_m, H] holds their new tokens."""
+        spans = _spans([len(s.new_tokens) for s in sequences])
+        return MicroBatch(hidden, [self._slices(seq, span, hidden) for seq, span in zip(sequences, spans, strict=True)])
 
     def _slices(self, seq: SequenceState, span: slice, hidden: torch.Tensor) -> dict[str, SequenceSlice]:
         """The sequence's attention inputs for each kind of layer the model has, before its cache grows;
@@ -188,21 +194,15 @@ def _spans(lengths: list[int]) -> list[slice]:
     return spans
 
 
-def _micro_batches(lengths: list[int], count: int) -> list[tuple[slice, list[tuple[int, slice]]]]:
-    """Up to ``count`` runs of whole sequences with about equal tokens: per run, its rows of the step's tokens
-    and (sequence index, its rows within the run) for each of its sequences."""
+def _runs(lengths: list[int], count: int) -> list[range]:
+    """Up to ``count`` runs of consecutive whole sequences with about equal tokens: each run's sequence indices."""
     total, bounds, rows = sum(lengths), [0], 0
     for index, n in enumerate(lengths[:-1]):
         rows += n
         if len(bounds) < count and rows >= total * len(bounds) / count:
             bounds.append(index + 1)  # the next run starts at this sequence
     bounds.append(len(lengths))
-    runs, start = [], 0
-    for first, end in itertools.pairwise(bounds):
-        spans = _spans(lengths[first:end])
-        runs.append((slice(start, start + spans[-1].stop), list(zip(range(first, end), spans, strict=True))))
-        start += spans[-1].stop
-    return runs
+    return [range(first, end) for first, end in itertools.pairwise(bounds)]
 
 
 def attention_kinds(config: PretrainedConfig) -> list[str]:
